@@ -1,0 +1,127 @@
+"""Building blocks shared by the diffusion transformers: attention, norms, timestep embeddings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# None: jax picks (cuDNN flash attention on GPU for fp16/bf16 when it can, XLA otherwise).
+ATTENTION_IMPLEMENTATIONS = (None, "cudnn", "xla", "reference")
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None,
+              implementation: str | None = None) -> Array:
+  """Scaled dot-product attention.
+
+  Args:
+    q: queries ``[B, Tq, H, D]``.
+    k: keys ``[B, Tk, H, D]``.
+    v: values ``[B, Tk, H, D]``.
+    mask: optional boolean mask broadcastable to ``[B, H, Tq, Tk]``; ``True`` = attend.
+    implementation: ``None`` (automatic: cuDNN on GPU where supported, else XLA),
+      ``"cudnn"``, ``"xla"`` or ``"reference"`` (explicit einsum + float32 softmax).
+
+  Returns:
+    ``[B, Tq, H, D]`` in ``q.dtype``.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; "
+                     f"expected one of {ATTENTION_IMPLEMENTATIONS}")
+  if implementation == "reference":
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
+  if implementation is None and jax.default_backend() != "gpu":
+    implementation = "xla"
+  try:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  except (ValueError, NotImplementedError, TypeError):
+    if implementation is not None:
+      raise
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def timestep_embedding(t: Array, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,
+                       scale: float = 1.0, max_period: float = 10000.0) -> Array:
+  """Sinusoidal timestep embedding (DDPM / diffusers ``get_timestep_embedding``).
+
+  ``freq_i = exp(-log(max_period) * i / (dim/2 - downscale_freq_shift))``, the embedding is
+  ``[sin(scale*t*freq), cos(scale*t*freq)]`` (or ``[cos, sin]`` when ``flip_sin_to_cos``).
+
+  Args:
+    t: timesteps ``[B]`` (any real values).
+    dim: embedding width.
+
+  Returns:
+    ``float32 [B, dim]`` (zero-padded by one column when ``dim`` is odd).
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+  args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :] * scale
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepMLP(nn.Module):
+  """``linear_1 -> SiLU -> linear_2`` (diffusers ``TimestepEmbedding``).
+
+  Input ``[B, in]`` -> output ``[B, features]`` in ``dtype``.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
+    x = nn.silu(x)
+    return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(x)
+
+
+class RMSNorm(nn.Module):
+  """RMS norm over the last axis, computed in float32: ``x * rsqrt(mean(x^2) + eps) * scale``.
+
+  Input ``[..., D]`` -> output ``[..., D]`` in ``dtype`` (input dtype when ``None``).
+  """
+  eps: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    if scale.dtype in (jnp.float16, jnp.bfloat16):
+      # As diffusers: cast to the (half) weight dtype before scaling.
+      y = y.astype(scale.dtype) * scale
+    else:
+      y = y * scale
+    return y.astype(self.dtype or x.dtype)
+
+
+def layer_norm(x: Array, eps: float = 1e-6) -> Array:
+  """LayerNorm without affine parameters over the last axis, in float32; returns ``x.dtype``."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+  """GELU with the tanh approximation (``approximate="tanh"``)."""
+  return jax.nn.gelu(x, approximate=True)
