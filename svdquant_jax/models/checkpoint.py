@@ -308,9 +308,13 @@ def read_config(folder: str | os.PathLike, expected_classes: Sequence[str] = (),
   return cfg
 
 
-def open_store(folder: str | os.PathLike) -> TensorStore:
-  """Opens the safetensors weights of a component folder (single file or sharded)."""
-  return TensorStore(folder)
+def open_store(folder: str | os.PathLike, variant: str | None = None) -> TensorStore:
+  """Opens the safetensors weights of a component folder (single file or sharded).
+
+  ``variant`` picks diffusers' ``*.<variant>.safetensors`` files (e.g. ``"fp16"``); by default
+  the files without a variant are read.
+  """
+  return TensorStore(folder, variant)
 
 
 def cast_tree(params: Any, dtype: Any) -> Any:

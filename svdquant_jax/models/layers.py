@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -43,6 +44,11 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None,
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
   if implementation is None and jax.default_backend() != "gpu":
     implementation = "xla"
+  if implementation == "xla" and q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+    # XLA:CPU has no fp16 x fp16 -> fp32 dot; compute in fp32 (CPU has no fast fp16 anyway).
+    out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                       mask=mask, implementation="xla")
+    return out.astype(q.dtype)
   try:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   except (ValueError, NotImplementedError, TypeError):
@@ -66,8 +72,13 @@ def timestep_embedding(t: Array, dim: int, flip_sin_to_cos: bool = True, downsca
     ``float32 [B, dim]`` (zero-padded by one column when ``dim`` is odd).
   """
   half = dim // 2
-  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
-  args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :] * scale
+  # The frequency table is a host constant computed in float64 and rounded once: XLA's float32
+  # exp is off by an ulp on some entries, which t ~ 1000 magnifies in the sin/cos arguments.
+  # The exponent is rounded to float32 step by step as diffusers does, then exp is taken exactly.
+  exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+              / np.float32(half - downscale_freq_shift))
+  freqs = np.exp(exponent.astype(np.float64))
+  args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs.astype(np.float32))[None, :] * scale
   emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
   if flip_sin_to_cos:
     emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Iterator, Mapping
 
@@ -114,6 +115,49 @@ class SafetensorsFile:
     return buf.view(dtype).reshape(shape)
 
 
+_INDEX_RE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
+_WEIGHTS_RE = re.compile(r"^(?P<stem>[^.]+)(?:\.(?P<variant>[^.-]+))?(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def _variant_of(name: str) -> tuple[bool, str | None] | None:
+  """Classifies a file name of a diffusers/transformers weight folder.
+
+  Returns ``(is_index, variant)`` or ``None`` for other files. Names: ``model.safetensors``,
+  ``model-00001-of-00002.safetensors``, ``model.fp16.safetensors``,
+  ``model.fp16-00001-of-00002.safetensors``, ``model.safetensors.index.json``,
+  ``model.safetensors.index.fp16.json`` (diffusers' variant index) and
+  ``model.fp16.safetensors.index.json``.
+  """
+  m = _INDEX_RE.match(name)
+  if m:
+    variant = m.group("variant")
+    if variant is None and "." in m.group("stem"):
+      variant = m.group("stem").rsplit(".", 1)[1]
+    return True, variant
+  m = _WEIGHTS_RE.match(name)
+  if m:
+    return False, m.group("variant")
+  return None
+
+
+def _variant_files(names: list[str], variant: str | None, folder: str) -> list[str]:
+  by_variant: dict[str | None, list[str]] = {}
+  for n in names:
+    kind = _variant_of(n)
+    if kind is not None:
+      by_variant.setdefault(kind[1], []).append(n)
+  if variant is not None:
+    if variant not in by_variant:
+      raise CheckpointError(f"{folder}: no weight files of variant {variant!r} "
+                            f"(found variants {sorted(str(v) for v in by_variant)})")
+    return by_variant[variant]
+  if None in by_variant:
+    return by_variant[None]
+  if len(by_variant) > 1:
+    raise CheckpointError(f"{folder}: only variant weight files {sorted(by_variant)}; choose one with variant=")
+  return next(iter(by_variant.values()), [])
+
+
 class TensorStore(Mapping[str, np.ndarray]):
   """All tensors of a model component: one file, a sharded index, or a folder of files.
 
@@ -121,17 +165,21 @@ class TensorStore(Mapping[str, np.ndarray]):
     path: a ``.safetensors`` file, a ``*.safetensors.index.json`` file, or a folder. A
       folder with an index file uses the index; otherwise every ``*.safetensors`` file in
       it is read (duplicate tensor names across files are an error).
+    variant: in a folder, read the files of this diffusers weight variant
+      (``model.<variant>.safetensors``, e.g. ``"fp16"``); by default the files without a
+      variant are read, as diffusers does, and the variant files are used only if there are
+      no others.
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, variant: str | None = None):
     path = os.fspath(path)
     self.path = path
     self._files: dict[str, SafetensorsFile] = {}
     self._where: dict[str, str] = {}
     if os.path.isdir(path):
-      names = sorted(os.listdir(path))
-      index = [n for n in names if n.endswith(".safetensors.index.json")]
-      shards = [n for n in names if n.endswith(".safetensors")]
+      names = _variant_files(sorted(os.listdir(path)), variant, path)
+      index = [n for n in names if _variant_of(n)[0]]
+      shards = [n for n in names if not _variant_of(n)[0]]
       if len(index) > 1:
         raise CheckpointError(f"{path}: several index files {index}; expected one")
       if index:
@@ -141,7 +189,7 @@ class TensorStore(Mapping[str, np.ndarray]):
           self._add_file(os.path.join(path, n))
       else:
         raise CheckpointError(f"{path}: no .safetensors files in this folder")
-    elif path.endswith(".index.json"):
+    elif path.endswith(".json"):
       self._load_index(path)
     else:
       self._add_file(path)

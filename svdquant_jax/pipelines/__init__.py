@@ -1,0 +1,1 @@
+"""Samplers, text-to-image pipelines, images, contact sheets and prompt lists."""
