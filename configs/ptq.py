@@ -55,7 +55,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.prompts_path = ""        # "": the built-in prompt list
   c.eval.num_prompts = 8
   c.eval.baselines = ("rtn-int4", "nf4", "rtn-w8a8")   # also quantized and compared in the table
-  c.eval.save_images = True
+  c.eval.block_errors = True      # also report the per-block output error on the calibration samples
 
   c.calib = ml_collections.ConfigDict()
   c.calib.prompts_path = ""       # "": the built-in prompt list
@@ -65,6 +65,7 @@ def base() -> ml_collections.ConfigDict:
   c.calib.path = ""               # "": <output_root>/<model>/calib
   c.calib.batch_size = 16         # samples per device batch in the calibration passes
   c.calib.replay = "fp"           # block inputs: "fp" (full precision, as deepcompressor) or "quantized"
+  c.calib.max_tokens = 0          # cap on calibration tokens per linear group (0: all; bounds memory at 1024^2)
 
   c.quant = ml_collections.ConfigDict()
   c.quant.name = "svdq-int4"

@@ -248,3 +248,10 @@ def test_diffusers_variant_index_name(tmp_path):
   os.remove(tmp_path / "diffusion_pytorch_model.fp16-00002-of-00002.safetensors")
   with pytest.raises(CheckpointError, match="is listed but missing"):
     TensorStore(tmp_path)
+
+
+def test_scalar_tensor_keeps_its_shape(tmp_path):
+  save_safetensors(tmp_path / "s.safetensors", {"s": np.float32(2.5), "v": np.ones((2, 3), np.float32)[:, ::2]})
+  store = TensorStore(tmp_path / "s.safetensors")
+  assert store["s"].shape == () and float(store["s"]) == 2.5
+  np.testing.assert_array_equal(store["v"], np.ones((2, 2), np.float32))

@@ -30,11 +30,15 @@ class LinearGroup:
     eval_module: block-relative path of the module whose output error is minimized; ``""``
       is the whole block; ``None`` means each linear's own output.
     unsigned: the input is a GELU output, shifted by +0.171875 and quantized unsigned (INT4).
+    shared_input: the layers read the same tensor. False for FLUX ``to_out``/``to_add_out``,
+      which read the image and the text part of the attention output but share one λ: their
+      activation statistics are taken over both inputs.
   """
   name: str
   layers: tuple[str, ...]
   eval_module: str | None = None
   unsigned: bool = False
+  shared_input: bool = True
 
   @property
   def paths(self) -> tuple[Path, ...]:
@@ -58,7 +62,7 @@ FLUX_DOUBLE = BlockPolicy(
         LinearGroup("qkv", ("attn/to_qkv",), eval_module="attn"),
         LinearGroup("add_qkv", ("attn/add_qkv_proj",), eval_module="attn"),
         # to_out and to_add_out share one λ (spec §1.2); their loss is their own outputs.
-        LinearGroup("out", ("attn/to_out", "attn/to_add_out")),
+        LinearGroup("out", ("attn/to_out", "attn/to_add_out"), shared_input=False),
         LinearGroup("ff.fc1", ("ff/fc1",)),
         LinearGroup("ff.fc2", ("ff/fc2",), unsigned=True),
         LinearGroup("ff_context.fc1", ("ff_context/fc1",)),

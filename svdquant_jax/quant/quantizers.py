@@ -14,9 +14,14 @@ Conventions (used throughout the project):
   * Scales are computed in float32, rounded to their storage dtype, and the codes are
     computed with the *rounded* scale, so ``codes * scale`` reproduces the fake form exactly.
   * Rounding is round-half-to-even (``jnp.round``), as ``torch.round`` in deepcompressor.
+  * A zero scale (all-zero group, or an NVFP4 micro-scale that underflows fp8) gives code 0.
+  * :class:`QuantFormat` names a W/A format; ``fake_quant_weight`` / ``fake_quant_act`` dispatch on
+    it, and :class:`QuantizedWeight` with ``quantize_weight`` / ``quantize_weight_with_scales`` /
+    ``dequantize_weight`` is the format-generic real weight form (used by GPTQ, whose scales are
+    fixed before the codes are chosen).
 
-K not divisible by the group size is refused with a ``ValueError`` (we do not pad: padding
-changes the layer and must be the caller's explicit choice).
+K not divisible by the group size is refused with a :class:`QuantizationError` (a ``ValueError``;
+we do not pad: padding changes the layer and must be the caller's explicit choice).
 
 Reference: SVDQuant spec §1.4-1.5 (deepcompressor ``quantizer/impl``), NVFP4 two-level
 scales §1.4, NF4 from QLoRA (Dettmers et al. 2023, Appendix E).
@@ -50,17 +55,55 @@ NF4_VALUES = np.array([
 Array = jax.Array
 
 
+class QuantizationError(ValueError):
+  """Bad input to a quantizer or a quantization transform (the message names the argument/layer)."""
+
+
 def _check_groups(k: int, group_size: int, what: str) -> None:
   if group_size <= 0:
-    raise ValueError(f"group_size must be positive, got {group_size}")
+    raise QuantizationError(f"group_size must be positive, got {group_size}")
   if k % group_size:
-    raise ValueError(f"{what}: input dimension K={k} is not divisible by the group size {group_size}; "
-                     "pad K to a multiple of the group size or keep this layer in 16-bit")
+    raise QuantizationError(f"{what}: input dimension K={k} is not divisible by the group size {group_size}; "
+                            "pad K to a multiple of the group size or keep this layer in 16-bit")
 
 
-def _safe(scale: Array) -> Array:
-  """Scale for division: zero scales (all-zero groups) divide by one instead."""
-  return jnp.where(scale == 0, jnp.ones_like(scale), scale)
+def _split(v: Array) -> tuple[Array, Array]:
+  """Veltkamp split of float32 ``v`` into ``hi + lo`` with 12-bit halves (products of halves are exact).
+
+  The product is materialized behind an optimization barrier so that no backend contracts
+  ``c - v`` into an FMA (which would break the split)."""
+  c = jax.lax.optimization_barrier(v * 4097.0)
+  hi = c - (c - v)
+  return hi, v - hi
+
+
+def true_divide(a: Array, b: Array) -> Array:
+  """Correctly rounded float32 ``a / b`` (``b`` finite and nonzero; broadcasting as ``/``).
+
+  XLA:CPU lowers a division to a multiply by the reciprocal (up to 1 ulp off the IEEE quotient),
+  which would move scales and round-half-to-even ties away from torch's. One Newton correction
+  with the exact residual ``a - q b`` (Dekker's product) restores the IEEE result; where the
+  backend divides exactly (GPU) the correction is a no-op.
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  q = a / b
+  # p = fl(q b) materialized: an FMA contraction of ``a - q b`` would double-count its error.
+  p = jax.lax.optimization_barrier(q * b)
+  qh, ql = _split(q)
+  bh, bl = _split(b)
+  err = ((qh * bh - p) + qh * bl + ql * bh) + ql * bl  # q * b = p + err exactly
+  corrected = q + ((a - p) - err) / b
+  return jnp.where(jnp.isfinite(corrected), corrected, q)
+
+
+_true_divide = true_divide  # the name used before it became public
+
+
+def _divide(values: Array, scale: Array) -> Array:
+  """``values / scale`` with 0 where the scale is 0 (all-zero groups, or fp8 scale underflow)."""
+  zero = scale == 0
+  return jnp.where(zero, 0.0, true_divide(values, jnp.where(zero, 1.0, scale)))
 
 
 def _group_weight(w: Array, group_size: int) -> Array:
@@ -90,8 +133,8 @@ def quantize_int4_weight(w: Array, group_size: int = 64, scale_dtype: Any = None
   """
   scale_dtype = w.dtype if scale_dtype is None else scale_dtype
   g = _group_weight(w, group_size)
-  scale = (jnp.max(jnp.abs(g), axis=1) / INT4_MAX).astype(scale_dtype)
-  codes = jnp.clip(jnp.round(g / _safe(scale.astype(jnp.float32))[:, None, :]), -INT4_MAX, INT4_MAX)
+  scale = true_divide(jnp.max(jnp.abs(g), axis=1), INT4_MAX).astype(scale_dtype)
+  codes = jnp.clip(jnp.round(_divide(g, scale.astype(jnp.float32)[:, None, :])), -INT4_MAX, INT4_MAX)
   return codes.astype(jnp.int8).reshape(w.shape), scale
 
 
@@ -127,8 +170,8 @@ def quantize_int4_act(x: Array, group_size: int = 64, unsigned: bool = False,
   scale_dtype = x.dtype if scale_dtype is None else scale_dtype
   g = _group_act(x, group_size)
   qmax = UINT4_MAX if unsigned else INT4_MAX
-  scale = (jnp.max(jnp.abs(g), axis=-1) / qmax).astype(scale_dtype)
-  q = jnp.round(g / _safe(scale.astype(jnp.float32))[..., None])
+  scale = true_divide(jnp.max(jnp.abs(g), axis=-1), qmax).astype(scale_dtype)
+  q = jnp.round(_divide(g, scale.astype(jnp.float32)[..., None]))
   q = jnp.clip(q, 0 if unsigned else -INT4_MAX, qmax)
   return q.astype(jnp.int8).reshape(x.shape), scale
 
@@ -141,9 +184,9 @@ def dequantize_act(codes: Array, scales: Array, dtype: Any = jnp.float32) -> Arr
   return x.reshape(codes.shape).astype(dtype)
 
 
-def fake_int4_act(x: Array, group_size: int = 64, unsigned: bool = False) -> Array:
+def fake_int4_act(x: Array, group_size: int = 64, unsigned: bool = False, scale_dtype: Any = None) -> Array:
   """``dequantize(quantize(x))`` for dynamic INT4 activations, in ``x.dtype``."""
-  codes, scales = quantize_int4_act(x, group_size, unsigned)
+  codes, scales = quantize_int4_act(x, group_size, unsigned, scale_dtype)
   return dequantize_act(codes, scales, x.dtype)
 
 
@@ -188,11 +231,12 @@ def quantize_nvfp4_weight(w: Array, group_size: int = 16, tensor_scale_dtype: An
   ``tensor_scale_dtype``), ``s_16 = fp8_e4m3(s_g / s_t)``, codes = E2M1(w / (s_t * s_16)).
   """
   g = _group_weight(w, group_size)
-  s_g = jnp.max(jnp.abs(g), axis=1) / FP4_MAX
-  s_t = (jnp.max(s_g) / FP8_E4M3_MAX).astype(tensor_scale_dtype).astype(jnp.float32)
-  s_16 = _fp8_scale(s_g / _safe(s_t))
+  s_g = true_divide(jnp.max(jnp.abs(g), axis=1), FP4_MAX)
+  s_t = true_divide(jnp.max(s_g), FP8_E4M3_MAX).astype(tensor_scale_dtype).astype(jnp.float32)
+  s_16 = _fp8_scale(_divide(s_g, s_t))
   eff = s_t * s_16.astype(jnp.float32)
-  codes = _e2m1_encode(jnp.clip(g / _safe(eff)[:, None, :], -FP4_MAX, FP4_MAX))
+  # A micro-scale that underflows fp8 dequantizes its whole group to 0: its codes are 0 too.
+  codes = _e2m1_encode(jnp.clip(_divide(g, eff[:, None, :]), -FP4_MAX, FP4_MAX))
   return NVFP4Weight(codes.reshape(w.shape), s_16, s_t)
 
 
@@ -216,8 +260,8 @@ def quantize_nvfp4_act(x: Array, group_size: int = 16) -> tuple[Array, Array]:
     ``(codes uint8 [..., K], scales float8_e4m3fn [..., K // 16])``.
   """
   g = _group_act(x, group_size)
-  scale = _fp8_scale(jnp.max(jnp.abs(g), axis=-1) / FP4_MAX)
-  codes = _e2m1_encode(jnp.clip(g / _safe(scale.astype(jnp.float32))[..., None], -FP4_MAX, FP4_MAX))
+  scale = _fp8_scale(true_divide(jnp.max(jnp.abs(g), axis=-1), FP4_MAX))
+  codes = _e2m1_encode(jnp.clip(_divide(g, scale.astype(jnp.float32)[..., None]), -FP4_MAX, FP4_MAX))
   return codes.reshape(x.shape), scale
 
 
@@ -237,26 +281,26 @@ def fake_nvfp4_act(x: Array, group_size: int = 16) -> Array:
 def quantize_int8_weight(w: Array, scale_dtype: Any = jnp.float32) -> tuple[Array, Array]:
   """Per-output-channel symmetric INT8: ``codes int8 [K, N]``, ``scales [N]`` (absmax / 127)."""
   wf = w.astype(jnp.float32)
-  scale = (jnp.max(jnp.abs(wf), axis=0) / INT8_MAX).astype(scale_dtype)
-  codes = jnp.clip(jnp.round(wf / _safe(scale.astype(jnp.float32))), -INT8_MAX, INT8_MAX)
+  scale = true_divide(jnp.max(jnp.abs(wf), axis=0), INT8_MAX).astype(scale_dtype)
+  codes = jnp.clip(jnp.round(_divide(wf, scale.astype(jnp.float32))), -INT8_MAX, INT8_MAX)
   return codes.astype(jnp.int8), scale
 
 
 def quantize_int8_act(x: Array, scale_dtype: Any = jnp.float32) -> tuple[Array, Array]:
   """Dynamic per-token symmetric INT8: ``codes int8 [..., K]``, ``scales [..., 1]``."""
   xf = x.astype(jnp.float32)
-  scale = (jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / INT8_MAX).astype(scale_dtype)
-  codes = jnp.clip(jnp.round(xf / _safe(scale.astype(jnp.float32))), -INT8_MAX, INT8_MAX)
+  scale = true_divide(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), INT8_MAX).astype(scale_dtype)
+  codes = jnp.clip(jnp.round(_divide(xf, scale.astype(jnp.float32))), -INT8_MAX, INT8_MAX)
   return codes.astype(jnp.int8), scale
 
 
-def fake_int8_weight(w: Array) -> Array:
-  codes, scale = quantize_int8_weight(w)
+def fake_int8_weight(w: Array, scale_dtype: Any = jnp.float32) -> Array:
+  codes, scale = quantize_int8_weight(w, scale_dtype)
   return (codes.astype(jnp.float32) * scale.astype(jnp.float32)).astype(w.dtype)
 
 
-def fake_int8_act(x: Array) -> Array:
-  codes, scale = quantize_int8_act(x)
+def fake_int8_act(x: Array, scale_dtype: Any = jnp.float32) -> Array:
+  codes, scale = quantize_int8_act(x, scale_dtype)
   return (codes.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -270,7 +314,7 @@ def quantize_nf4_weight(w: Array, group_size: int = 64, scale_dtype: Any = None)
   scale_dtype = w.dtype if scale_dtype is None else scale_dtype
   g = _group_weight(w, group_size)
   scale = jnp.max(jnp.abs(g), axis=1).astype(scale_dtype)
-  v = g / _safe(scale.astype(jnp.float32))[:, None, :]
+  v = _divide(g, scale.astype(jnp.float32)[:, None, :])
   table = jnp.asarray(NF4_VALUES)
   codes = jnp.argmin(jnp.abs(v[..., None] - table), axis=-1).astype(jnp.uint8)
   return codes.reshape(w.shape), scale
@@ -283,34 +327,55 @@ def dequantize_nf4_weight(codes: Array, scales: Array, dtype: Any = jnp.float32)
   return (w * scales.astype(jnp.float32)[:, None, :]).reshape(k, n).astype(dtype)
 
 
-def fake_nf4_weight(w: Array, group_size: int = 64) -> Array:
-  codes, scales = quantize_nf4_weight(w, group_size)
+def fake_nf4_weight(w: Array, group_size: int = 64, scale_dtype: Any = None) -> Array:
+  codes, scales = quantize_nf4_weight(w, group_size, scale_dtype)
   return dequantize_nf4_weight(codes, scales, w.dtype)
 
 
 # ----------------------------------------------------------------------------- dispatch
 WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
 ACT_FORMATS = ("int4", "nvfp4", "int8", None)
+SCALE_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantFormat:
-  """A W/A quantization format.
+  """A W/A quantization format (hashable: usable as a static ``jax.jit`` argument).
 
   Attributes:
     weight: one of :data:`WEIGHT_FORMATS`.
     act: one of :data:`ACT_FORMATS` (``None``: weight-only, activations stay 16-bit).
-    group_size: weight and activation group size (64 INT4, 16 NVFP4; ignored for INT8).
+    group_size: weight and activation group size along K (64 INT4, 16 NVFP4; ignored for INT8,
+      whose weights are per output channel and activations per token).
+    scale_dtype: storage dtype of the INT4 / NF4 / INT8 weight scales and of the INT4 / INT8
+      activation scales (``"bfloat16"`` for FLUX, ``"float16"`` for PixArt, as the deployed model
+      stores them); ``None`` keeps each quantizer's default (the dtype of the quantized tensor;
+      float32 for INT8). NVFP4 scales are always fp8 e4m3 (+ a bf16 per-tensor weight scale).
   """
   weight: str = "int4"
   act: str | None = "int4"
   group_size: int = 64
+  scale_dtype: str | None = None
 
   def __post_init__(self):
     if self.weight not in WEIGHT_FORMATS:
-      raise ValueError(f"unknown weight format {self.weight!r}; expected one of {WEIGHT_FORMATS}")
+      raise QuantizationError(f"unknown weight format {self.weight!r}; expected one of {WEIGHT_FORMATS}")
     if self.act not in ACT_FORMATS:
-      raise ValueError(f"unknown activation format {self.act!r}; expected one of {ACT_FORMATS}")
+      raise QuantizationError(f"unknown activation format {self.act!r}; expected one of {ACT_FORMATS}")
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise QuantizationError(f"unknown scale_dtype {self.scale_dtype!r}; expected one of {SCALE_DTYPES}")
+    if self.uses_groups and self.group_size <= 0:
+      raise QuantizationError(f"format {self.weight}/{self.act} needs a positive group_size, got {self.group_size}")
+
+  @property
+  def uses_groups(self) -> bool:
+    """Whether weights or activations are quantized in groups of ``group_size`` along K."""
+    return self.weight in ("int4", "nvfp4", "nf4") or self.act in ("int4", "nvfp4")
+
+  def check_k(self, k: int, what: str) -> None:
+    """Raises :class:`QuantizationError` naming ``what`` if K is not a multiple of the group size."""
+    if self.uses_groups:
+      _check_groups(k, self.group_size, what)
 
 
 INT4 = QuantFormat("int4", "int4", 64)
@@ -321,15 +386,19 @@ W4A16_NF4 = QuantFormat("nf4", None, 64)
 FORMATS = {"int4": INT4, "nvfp4": NVFP4, "w8a8": W8A8, "w4a16": W4A16_INT4, "nf4": W4A16_NF4}
 
 
+def _resolve_scale_dtype(fmt: QuantFormat, default: Any) -> Any:
+  return default if fmt.scale_dtype is None else jnp.dtype(fmt.scale_dtype)
+
+
 def fake_quant_weight(w: Array, fmt: QuantFormat) -> Array:
   """Fake-quantizes a kernel ``[K, N]`` in format ``fmt`` (dtype preserved)."""
   if fmt.weight == "int4":
-    return fake_int4_weight(w, fmt.group_size)
+    return fake_int4_weight(w, fmt.group_size, _resolve_scale_dtype(fmt, None))
   if fmt.weight == "nvfp4":
     return fake_nvfp4_weight(w, fmt.group_size)
   if fmt.weight == "int8":
-    return fake_int8_weight(w)
-  return fake_nf4_weight(w, fmt.group_size)
+    return fake_int8_weight(w, _resolve_scale_dtype(fmt, jnp.float32))
+  return fake_nf4_weight(w, fmt.group_size, _resolve_scale_dtype(fmt, None))
 
 
 def fake_quant_act(x: Array, fmt: QuantFormat, unsigned: bool = False) -> Array:
@@ -341,7 +410,107 @@ def fake_quant_act(x: Array, fmt: QuantFormat, unsigned: bool = False) -> Array:
   if fmt.act is None:
     return x
   if fmt.act == "int4":
-    return fake_int4_act(x, fmt.group_size, unsigned)
+    return fake_int4_act(x, fmt.group_size, unsigned, _resolve_scale_dtype(fmt, None))
   if fmt.act == "nvfp4":
     return fake_nvfp4_act(x, fmt.group_size)
-  return fake_int8_act(x)
+  return fake_int8_act(x, _resolve_scale_dtype(fmt, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- generic weight form
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+  """The real form of a quantized kernel in any weight format (a pytree).
+
+  ``dequantize = decode(codes) * scales[k // G] * tensor_scale`` for row k of K, where G is
+  :func:`weight_group_size` (INT8: G = K, one scale per output channel).
+
+  Attributes:
+    codes: ``[K, N]``: ``int8`` for INT4 ([-7, 7]) and INT8 ([-127, 127]); ``uint8`` 4-bit codes
+      for NVFP4 (E2M1 bit patterns) and NF4 (indices into :data:`NF4_VALUES`).
+    scales: ``[K // G, N]`` group scales in their storage dtype (NVFP4: ``float8_e4m3fn``).
+    tensor_scale: ``float32 []``: the NVFP4 per-tensor scale; 1 for the other formats.
+  """
+  codes: Array
+  scales: Array
+  tensor_scale: Array
+
+
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["codes", "scales", "tensor_scale"],
+                                 meta_fields=[])
+
+
+def weight_group_size(fmt: QuantFormat, k: int) -> int:
+  """Rows of K that share one weight scale: K for INT8 (per output channel), else the group size."""
+  return k if fmt.weight == "int8" else fmt.group_size
+
+
+def weight_scales(w: Array, fmt: QuantFormat) -> tuple[Array, Array]:
+  """The scales RTN uses for kernel ``w [K, N]``: ``(scales [K // G, N], tensor_scale f32 [])``.
+
+  Identical to the scales of the per-format ``quantize_*_weight`` functions. GPTQ computes them
+  once from the full residual and keeps them (static groups).
+  """
+  k, n = w.shape
+  group = weight_group_size(fmt, k)
+  g = _group_weight(w, group)
+  absmax = jnp.max(jnp.abs(g), axis=1)
+  one = jnp.ones((), jnp.float32)
+  if fmt.weight == "int4":
+    return true_divide(absmax, INT4_MAX).astype(_resolve_scale_dtype(fmt, w.dtype)), one
+  if fmt.weight == "nf4":
+    return absmax.astype(_resolve_scale_dtype(fmt, w.dtype)), one
+  if fmt.weight == "int8":
+    return true_divide(absmax, INT8_MAX).astype(_resolve_scale_dtype(fmt, jnp.float32)), one
+  s_g = true_divide(absmax, FP4_MAX)
+  s_t = true_divide(jnp.max(s_g), FP8_E4M3_MAX).astype(jnp.bfloat16).astype(jnp.float32)
+  return _fp8_scale(_divide(s_g, s_t)), s_t
+
+
+def encode_scaled(v: Array, fmt: QuantFormat) -> Array:
+  """Codes for values already divided by their effective scale (round to nearest, ties to even;
+  clipped to the format's range)."""
+  if fmt.weight == "int4":
+    return jnp.clip(jnp.round(v), -INT4_MAX, INT4_MAX).astype(jnp.int8)
+  if fmt.weight == "int8":
+    return jnp.clip(jnp.round(v), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  if fmt.weight == "nvfp4":
+    return _e2m1_encode(jnp.clip(v, -FP4_MAX, FP4_MAX))
+  return jnp.argmin(jnp.abs(v[..., None] - jnp.asarray(NF4_VALUES)), axis=-1).astype(jnp.uint8)
+
+
+def decode_codes(codes: Array, fmt: QuantFormat) -> Array:
+  """Codes -> float32 values in units of the effective scale."""
+  if fmt.weight in ("int4", "int8"):
+    return codes.astype(jnp.float32)
+  if fmt.weight == "nvfp4":
+    return e2m1_decode(codes)
+  return jnp.asarray(NF4_VALUES)[codes.astype(jnp.int32)]
+
+
+def effective_scales(scales: Array, tensor_scale: Array) -> Array:
+  """``scales * tensor_scale`` in float32 (``[K // G, N]``)."""
+  return scales.astype(jnp.float32) * tensor_scale.astype(jnp.float32)
+
+
+def quantize_weight_with_scales(w: Array, scales: Array, tensor_scale: Array, fmt: QuantFormat) -> QuantizedWeight:
+  """Codes of ``w [K, N]`` for given (static) scales; a zero effective scale gives code 0."""
+  k, n = w.shape
+  group = k // scales.shape[0]
+  g = w.astype(jnp.float32).reshape(k // group, group, n)
+  codes = encode_scaled(_divide(g, effective_scales(scales, tensor_scale)[:, None, :]), fmt)
+  return QuantizedWeight(codes.reshape(k, n), scales, jnp.asarray(tensor_scale, jnp.float32))
+
+
+def quantize_weight(w: Array, fmt: QuantFormat) -> QuantizedWeight:
+  """RTN quantization of a kernel ``[K, N]`` in ``fmt`` (same codes and scales as the per-format
+  ``quantize_*_weight`` functions)."""
+  scales, tensor_scale = weight_scales(w, fmt)
+  return quantize_weight_with_scales(w, scales, tensor_scale, fmt)
+
+
+def dequantize_weight(q: QuantizedWeight, fmt: QuantFormat, dtype: Any = jnp.float32) -> Array:
+  """``decode(codes) * effective scale`` as ``[K, N]`` in ``dtype``."""
+  k, n = q.codes.shape
+  group = k // q.scales.shape[0]
+  v = decode_codes(q.codes, fmt).reshape(k // group, group, n)
+  return (v * effective_scales(q.scales, q.tensor_scale)[:, None, :]).reshape(k, n).astype(dtype)

@@ -254,7 +254,8 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
       ``ml_dtypes`` bf16/fp8). Arrays are written C-contiguous, little-endian.
     metadata: optional string -> string metadata.
   """
-  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+  # np.ascontiguousarray would turn 0-d tensors into shape [1]; keep the shape.
+  arrays = {k: np.array(v, copy=None, order="C") for k, v in tensors.items()}
   header: dict[str, object] = {}
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -1,0 +1,375 @@
+"""Pallas-Triton backend of the fused SVDQuant linear (INT4, group 64).
+
+Kernel 1, :func:`quantize_activations` (grid: M tiles x K chunks). One read of ``x``: each
+program takes ``block_m`` tokens and ``groups_per_program`` 64-wide groups; per group it loads
+the two 32-channel halves of ``x`` (ref slices: Triton cannot slice values), divides by λ (and
+adds δ) in float32, takes the per-token absmax, writes the scale (rounded to the activation
+dtype) and the codes packed in the split-half nibble order (one byte
+per channel pair ``(j, j + 32)``, no reshuffling), and accumulates ``x · lora_down`` on the
+tensor cores in float32. Each K chunk writes its own float32 partial of ``lora_act``; kernel 2
+sums the partials. M is padded to the GEMM tile so that kernel 2 reads activations unmasked.
+
+Kernel 2, :func:`gemm` (grid: M tiles x N tiles). Per 64-wide group: load 32 bytes per row
+of activations and of the K-major weight, split the nibbles into int8 (sign-extended with
+``(b << 4) >> 4`` / ``b >> 4``, or masked for the unsigned activations), two int8 x int8 ->
+int32 dots of depth 32 (low nibbles with low nibbles, high with high), then
+``acc += f32(psum) · s_x[:, g] · s_w[g, :]``. ``groups_per_step`` groups per software-
+pipelined loop step; a K/64 that the step does not divide gets a static tail. Epilogue:
+``acc += cast(Σ lora partials) · lora_up`` on the tensor cores, ``+ b_eff``, one rounding,
+masked store (M and N edges).
+
+Exactness: the codes and scales match the reference bit for bit, because both perform the
+same IEEE float32 operations (:func:`reference.quantize_activations`: correctly rounded
+divisions ``x/λ``, ``absmax/qmax`` and ``x̂/scale``, round half to even). On a GPU these are
+single PTX instructions, ``div.rn.f32`` (Triton's float32 ``/`` is the approximate
+``div.full.f32``) and ``cvt.rni.s32.f32`` (Pallas-Triton has no ``round`` lowering). Inline
+assembly cannot run in interpret mode, which uses the quantizers' correctly rounded division
+and ``jnp.round`` instead. What ``gpu-facts.md`` measured shaped the rest: K-major int8
+operands, ref slicing, block_k >= 32 for integer dots, signed int8 only (the Triton dot
+rejects unsigned integers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from svdquant_jax.pallas import reference, tuning
+from svdquant_jax.pallas.packing import HALF_BLOCK, PACK_BLOCK, QuantizedLinear, check_inputs
+from svdquant_jax.quant.quantizers import INT4_MAX, UINT4_MAX
+
+try:  # Pallas-Triton is deprecated from jax 0.11 (still present there); guard its import.
+  from jax.experimental import pallas as pl
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas import triton as pltriton
+  _IMPORT_ERROR: str | None = None
+except ImportError as e:  # pragma: no cover - depends on the installed jax
+  pl = pltriton = None
+  _IMPORT_ERROR = f"Pallas-Triton is not available in jax {jax.__version__}: {e}"
+
+Array = jax.Array
+NAME = "triton"
+MAX_RANK = 128
+
+
+def _dot(a: Array, b: Array, *, trans_b: bool = False, exact_f32: bool = False) -> Array:
+  dot = getattr(pltriton, "dot", None) or pl.dot
+  return dot(a, b, trans_b=trans_b, allow_tf32=False if exact_f32 else None)
+
+
+def _asm(instruction: str, result_dtype: Any, constraints: str, *args: Any) -> Array:
+  """One PTX instruction applied elementwise (operands broadcast to a common shape)."""
+  args = jnp.broadcast_arrays(*[jnp.asarray(v, jnp.float32) for v in args])
+  (out,) = pltriton.elementwise_inline_asm(
+      instruction, args=list(args), constraints=constraints, pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, result_dtype)])
+  return out
+
+
+def _div(a: Array, b: Array, on_gpu: bool) -> Array:
+  """Correctly rounded float32 division: ``div.rn.f32`` on a GPU; in interpret mode the
+  quantizers' corrected division (XLA on CPU divides by a broadcast via the reciprocal)."""
+  if on_gpu:
+    return _asm("div.rn.f32 $0, $1, $2;", jnp.float32, "=f,f,f", a, b)
+  a, b = jnp.broadcast_arrays(a, b)
+  return reference.true_divide(a, b)
+
+
+def _round_to_int(v: Array, on_gpu: bool) -> Array:
+  """Round half to even, as int32 (``cvt.rni.s32.f32``; ``jnp.round`` in interpret mode)."""
+  if on_gpu:
+    return _asm("cvt.rni.s32.f32 $0, $1;", jnp.int32, "=r,f", v)
+  return jnp.round(v).astype(jnp.int32)
+
+
+def _next_pow2(v: int) -> int:
+  return 1 << max(0, (v - 1).bit_length())
+
+
+def padded_rank(rank: int) -> int:
+  """Rank as the kernels see it: 0, or a power of two >= 16 (Triton dot and arange limits)."""
+  return 0 if rank == 0 else max(16, _next_pow2(rank))
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+  return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
+
+
+def _compiler_params(num_warps: int, num_stages: int) -> Any:
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------- capability
+def check_supported(params: QuantizedLinear, x_dtype: Any, *, interpret: bool = False,
+                    device: jax.Device | None = None) -> None:
+  """Raises ``NotImplementedError`` (with the reason) if this backend cannot run the call."""
+  if _IMPORT_ERROR:
+    raise NotImplementedError(_IMPORT_ERROR)
+  if params.fmt != "int4":
+    raise NotImplementedError(f"triton: format {params.fmt!r} runs on the reference path (int4 only here)")
+  if params.group_size != 64:
+    raise NotImplementedError(f"triton: group size {params.group_size} (the kernels use 64)")
+  if params.rank > MAX_RANK:
+    raise NotImplementedError(f"triton: rank {params.rank} > {MAX_RANK}")
+  if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+    raise NotImplementedError(f"triton: activation dtype {x_dtype}")
+  if interpret:
+    return
+  device = jax.devices()[0] if device is None else device
+  key = tuning.device_key(device)
+  if key not in ("h100", "h200", "nvidia"):
+    raise NotImplementedError(f"triton: needs an NVIDIA GPU, the default device is {key!r} "
+                              "(interpret=True runs the kernels on CPU)")
+  cc = getattr(device, "compute_capability", None)
+  if cc is not None and float(cc) < 8.0:
+    raise NotImplementedError(f"triton: int8 tensor-core dots need compute capability >= 8.0, got {cc}")
+
+
+# ----------------------------------------------------------------------------- kernel 1
+def _split_refs(refs: tuple, n_in: int, n_alias: int) -> tuple[tuple, tuple]:
+  """Kernel refs -> (inputs, outputs); aliased output buffers (passed as trailing inputs so
+  that callers can pre-fill, e.g. poison, the outputs) are dropped."""
+  return refs[:n_in], refs[n_in + n_alias:]
+
+
+def _quantize_kernel(*refs, n_in: int, n_alias: int, m: int, block_m: int, groups_per_program: int,
+                     rank_pad: int, unsigned: bool, shift: float, on_gpu: bool, scale_dtype: Any):
+  ins, outs = _split_refs(refs, n_in, n_alias)
+  x_ref, smooth_ref = ins[:2]
+  lora_down_ref = ins[2] if rank_pad else None
+  codes_ref, scales_ref = outs[:2]
+  lora_ref = outs[2] if rank_pad else None
+  pid_m, pid_k = pl.program_id(0), pl.program_id(1)
+  m0 = pid_m * block_m
+  row_ok = (m0 + jnp.arange(block_m)) < m
+  qmax = UINT4_MAX if unsigned else INT4_MAX
+  qmin = 0 if unsigned else -INT4_MAX
+  exact_f32 = x_ref.dtype == jnp.float32
+
+  def group(i, lora_acc):
+    g = pid_k * groups_per_program + i
+    k0 = g * PACK_BLOCK
+    halves, smoothed = [], []
+    for h in range(2):
+      cols = pl.ds(k0 + h * HALF_BLOCK, HALF_BLOCK)
+      xh = pltriton.load(x_ref.at[pl.ds(m0, block_m), cols], mask=row_ok[:, None], other=0)
+      smooth = smooth_ref[cols].astype(jnp.float32)[None, :]
+      sh = _div(xh.astype(jnp.float32), smooth, on_gpu)
+      if shift:
+        sh = sh + jnp.float32(shift)
+      halves.append(xh)
+      smoothed.append(sh)
+    amax = jnp.maximum(jnp.max(jnp.abs(smoothed[0]), axis=1), jnp.max(jnp.abs(smoothed[1]), axis=1))
+    amax = jnp.where(row_ok, amax, jnp.float32(0))  # padding rows: scale 0, codes 0 (also when shifted)
+    scale = _div(amax, jnp.float32(qmax), on_gpu).astype(scale_dtype)
+    scales_ref[g, pl.ds(m0, block_m)] = scale
+    s = scale.astype(jnp.float32)[:, None]
+    zero = s == 0
+    s = jnp.where(zero, jnp.float32(1), s)
+    nibbles = [jnp.where(zero, 0, jnp.clip(_round_to_int(_div(sh, s, on_gpu), on_gpu), qmin, qmax)) & 0xF
+               for sh in smoothed]
+    codes_ref[pl.ds(m0, block_m), pl.ds(g * HALF_BLOCK, HALF_BLOCK)] = (
+        nibbles[0] | (nibbles[1] << 4)).astype(jnp.uint8)
+    if rank_pad:
+      for h in range(2):
+        ld = lora_down_ref[pl.ds(k0 + h * HALF_BLOCK, HALF_BLOCK), :]
+        lora_acc = lora_acc + _dot(halves[h], ld, exact_f32=exact_f32)
+    return lora_acc
+
+  lora_acc = lax.fori_loop(0, groups_per_program, group, jnp.zeros((block_m, max(rank_pad, 1)), jnp.float32))
+  if rank_pad:
+    lora_ref[pid_k, pl.ds(m0, block_m), :] = lora_acc
+
+
+def quantize_output_shapes(x: Array, params: QuantizedLinear, tile: tuning.QuantizeTile, m_pad: int
+                           ) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """Shapes of kernel 1's outputs (codes, scales[, lora partials]) for ``x [M, K]``."""
+  k = x.shape[1]
+  groups = k // PACK_BLOCK
+  chunks = groups // _largest_divisor_at_most(groups, tile.groups_per_program)
+  rank_pad = padded_rank(params.rank)
+  shapes = [jax.ShapeDtypeStruct((m_pad, k // 2), jnp.uint8), jax.ShapeDtypeStruct((groups, m_pad), x.dtype)]
+  if rank_pad:
+    shapes.append(jax.ShapeDtypeStruct((chunks, m_pad, rank_pad), jnp.float32))
+  return tuple(shapes)
+
+
+def quantize_activations(x: Array, params: QuantizedLinear, tile: tuning.QuantizeTile, *, m_pad: int,
+                         interpret: bool = False, outputs: tuple[Array, ...] | None = None
+                         ) -> tuple[Array, Array, Array | None]:
+  """Kernel 1: ``x [M, K]`` -> packed codes ``uint8 [m_pad, K/2]``, scales ``[K/64, m_pad]``
+  (activation dtype; rows >= M hold zeros) and the ``x · lora_down`` partials
+  ``float32 [chunks, m_pad, rank_pad]`` (``None`` at rank 0).
+
+  ``outputs``: optional buffers (shapes from :func:`quantize_output_shapes`) that the kernel
+  writes into (aliased); tests pass NaN / 0x88-filled ones to catch unwritten elements.
+  """
+  m, k = x.shape
+  groups = k // PACK_BLOCK
+  if m_pad % tile.block_m or m_pad < m:
+    raise ValueError(f"m_pad={m_pad} must be >= M={m} and a multiple of block_m={tile.block_m}")
+  gpp = _largest_divisor_at_most(groups, tile.groups_per_program)
+  rank_pad = padded_rank(params.rank)
+  out_shape = quantize_output_shapes(x, params, tile, m_pad)
+  inputs = [x, params.smooth]
+  if rank_pad:
+    inputs.append(jnp.pad(params.lora_down.astype(x.dtype), ((0, 0), (0, rank_pad - params.rank))))
+  n_in = len(inputs)
+  aliases = {}
+  if outputs is not None:
+    if tuple((o.shape, o.dtype) for o in outputs) != tuple((o.shape, o.dtype) for o in out_shape):
+      raise ValueError(f"quantize_activations: outputs must match {out_shape}")
+    aliases = {n_in + i: i for i in range(len(outputs))}
+    inputs += list(outputs)
+  kernel = functools.partial(
+      _quantize_kernel, n_in=n_in, n_alias=len(aliases), m=m, block_m=tile.block_m, groups_per_program=gpp,
+      rank_pad=rank_pad, unsigned=params.act_unsigned, shift=float(params.shift), on_gpu=not interpret,
+      scale_dtype=x.dtype)
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(m_pad // tile.block_m, groups // gpp),
+      input_output_aliases=aliases, compiler_params=_compiler_params(tile.num_warps, tile.num_stages),
+      interpret=interpret, name="svdquant_quantize")(*inputs)
+  return outs[0], outs[1], (outs[2] if rank_pad else None)
+
+
+# ----------------------------------------------------------------------------- kernel 2
+def _split_nibbles(packed: Array, signed: bool) -> tuple[Array, Array]:
+  """``uint8 [r, 32]`` -> (low, high) nibbles as ``int8 [r, 32]``."""
+  if signed:
+    b = packed.astype(jnp.int8)
+    return (b << 4) >> 4, b >> 4
+  return (packed & 0xF).astype(jnp.int8), (packed >> 4).astype(jnp.int8)
+
+
+def _gemm_kernel(*refs, n_in: int, n_alias: int, m: int, n: int, groups: int, block_m: int, block_n: int,
+                 groups_per_step: int, unsigned: bool, lora_chunks: int, has_bias: bool, out_dtype: Any):
+  ins, (o_ref,) = _split_refs(refs, n_in, n_alias)
+  a_ref, sa_ref, w_ref, sw_ref = ins[:4]
+  lora_ref, lora_up_ref = ins[4:6] if lora_chunks else (None, None)
+  bias_ref = ins[-1] if has_bias else None
+  pid_m, pid_n = pl.program_id(0), pl.program_id(1)
+  m0, n0 = pid_m * block_m, pid_n * block_n
+  row_ok = (m0 + jnp.arange(block_m)) < m
+  col_ok = (n0 + jnp.arange(block_n)) < n
+
+  def add_group(g, acc):
+    kb = pl.ds(g * HALF_BLOCK, HALF_BLOCK)
+    a_lo, a_hi = _split_nibbles(a_ref[pl.ds(m0, block_m), kb], signed=not unsigned)
+    w_lo, w_hi = _split_nibbles(pltriton.load(w_ref.at[pl.ds(n0, block_n), kb], mask=col_ok[:, None], other=0),
+                                signed=True)
+    psum = _dot(a_lo, w_lo, trans_b=True) + _dot(a_hi, w_hi, trans_b=True)
+    sa = sa_ref[g, pl.ds(m0, block_m)].astype(jnp.float32)
+    sw = pltriton.load(sw_ref.at[g, pl.ds(n0, block_n)], mask=col_ok, other=0).astype(jnp.float32)
+    return acc + psum.astype(jnp.float32) * sa[:, None] * sw[None, :]
+
+  def step(s, acc):
+    for i in range(groups_per_step):
+      acc = add_group(s * groups_per_step + i, acc)
+    return acc
+
+  acc = jnp.zeros((block_m, block_n), jnp.float32)
+  steps = groups // groups_per_step
+  acc = lax.fori_loop(0, steps, step, acc)
+  for g in range(steps * groups_per_step, groups):
+    acc = add_group(jnp.int32(g), acc)
+
+  if lora_chunks:
+    lora_act = lora_ref[0, pl.ds(m0, block_m), :]
+    for c in range(1, lora_chunks):
+      lora_act = lora_act + lora_ref[c, pl.ds(m0, block_m), :]
+    lora_up = pltriton.load(lora_up_ref.at[:, pl.ds(n0, block_n)], mask=col_ok[None, :], other=0)
+    acc = acc + _dot(lora_act.astype(out_dtype), lora_up, exact_f32=out_dtype == jnp.float32)
+  if has_bias:
+    bias = pltriton.load(bias_ref.at[pl.ds(n0, block_n)], mask=col_ok, other=0)
+    acc = acc + bias.astype(jnp.float32)[None, :]
+  pltriton.store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], acc.astype(out_dtype),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+def gemm(codes: Array, scales: Array, lora_parts: Array | None, params: QuantizedLinear, m: int, out_dtype: Any,
+         tile: tuning.GemmTile, *, interpret: bool = False, out: Array | None = None) -> Array:
+  """Kernel 2: packed activations (from :func:`quantize_activations`) x packed weight.
+
+  Args:
+    codes: ``uint8 [m_pad, K/2]`` (``m_pad`` a multiple of ``tile.block_m``).
+    scales: ``[K/64, m_pad]`` activation scales.
+    lora_parts: ``float32 [chunks, m_pad, rank_pad]`` or ``None`` (rank 0).
+    m: the true number of rows (rows >= m are not written).
+    out: optional ``[m, N]`` buffer the result is written into (aliased; tests poison it).
+
+  Returns:
+    ``[m, N]`` in ``out_dtype``.
+  """
+  m_pad, kb = codes.shape
+  n = params.out_features
+  groups = (2 * kb) // PACK_BLOCK
+  if m_pad % tile.block_m:
+    raise ValueError(f"gemm: {m_pad} activation rows are not a multiple of block_m={tile.block_m}")
+  inputs = [codes, scales, params.qweight, params.wscales]
+  lora_chunks = 0
+  if params.rank:
+    if lora_parts is None:
+      raise ValueError("gemm: a rank > 0 layer needs the lora_act partials of kernel 1")
+    rank_pad = lora_parts.shape[-1]
+    lora_chunks = lora_parts.shape[0]
+    lora_up = jnp.pad(params.lora_up.astype(out_dtype), ((0, rank_pad - params.rank), (0, 0)))
+    inputs += [lora_parts, lora_up]
+  if params.bias is not None:
+    inputs.append(params.bias)
+  n_in = len(inputs)
+  out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+  aliases = {}
+  if out is not None:
+    if (out.shape, out.dtype) != (out_shape.shape, out_shape.dtype):
+      raise ValueError(f"gemm: out must be {out_shape}, got {out.dtype} {out.shape}")
+    aliases = {n_in: 0}
+    inputs.append(out)
+  kernel = functools.partial(
+      _gemm_kernel, n_in=n_in, n_alias=len(aliases), m=m, n=n, groups=groups, block_m=tile.block_m,
+      block_n=tile.block_n, groups_per_step=min(tile.groups_per_step, groups), unsigned=params.act_unsigned,
+      lora_chunks=lora_chunks, has_bias=params.bias is not None, out_dtype=jnp.dtype(out_dtype))
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(m_pad // tile.block_m, pl.cdiv(n, tile.block_n)),
+      input_output_aliases=aliases, compiler_params=_compiler_params(tile.num_warps, tile.num_stages),
+      interpret=interpret, name="svdquant_gemm")(*inputs)
+
+
+# ----------------------------------------------------------------------------- the op
+def padded_rows(m: int, config: tuning.TritonConfig) -> int:
+  align = max(config.quantize.block_m, config.gemm.block_m)
+  return max(1, math.ceil(m / align)) * align
+
+
+def svdquant_linear_triton(x: Array, params: QuantizedLinear, *, config: tuning.TritonConfig | None = None,
+                           interpret: bool = False) -> Array:
+  """The fused SVDQuant linear with the Pallas-Triton kernels: ``x [..., K] -> [..., N]``.
+
+  Args:
+    x: activations (bf16, fp16 or fp32).
+    params: an int4 :class:`QuantizedLinear`.
+    config: tiles; default from :func:`tuning.triton_config`.
+    interpret: run the kernels in Pallas interpret mode (CPU).
+
+  Raises:
+    QuantizedLinearError: bad inputs. NotImplementedError: a call this backend cannot take.
+  """
+  check_inputs(x, params)
+  check_supported(params, x.dtype, interpret=interpret)
+  lead = x.shape[:-1]
+  k, n = params.in_features, params.out_features
+  x2 = x.reshape(-1, k)
+  m = x2.shape[0]
+  if m == 0:
+    return jnp.zeros((*lead, n), x.dtype)
+  config = tuning.triton_config(m, n, k, interpret=interpret) if config is None else config
+  m_pad = padded_rows(m, config)
+  codes, scales, lora_parts = quantize_activations(x2, params, config.quantize, m_pad=m_pad, interpret=interpret)
+  y = gemm(codes, scales, lora_parts, params, m, x.dtype, config.gemm, interpret=interpret)
+  return y.reshape(*lead, n)

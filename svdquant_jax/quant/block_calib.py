@@ -1,0 +1,146 @@
+"""Jitted calibration passes over one transformer block, and the losses the searches minimize.
+
+Every pass runs the block on all calibration samples with ``jax.lax.map`` over samples in
+device batches of ``batch_size``, so device memory holds the block state of all samples
+(``[S, ...]``, e.g. 3.6 GB for FLUX.1 at 1024^2 with S = 128) plus one batch of intermediates.
+
+The losses are registered dataclass pytrees: their arrays are traced arguments, their layout is
+static, so ``quantize_linear_group`` compiles once per group kind and serves every block of
+that kind (19 FLUX double blocks share one compilation per group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from svdquant_jax.quant.adapters import ModelAdapter, State
+from svdquant_jax.quant.quantizers import QuantFormat
+from svdquant_jax.quant.svdquant import PRECISION, SVDQuantWeights, fake_forward
+from svdquant_jax.quant.taps import Path, apply_with_taps
+
+Array = jax.Array
+# (layer path, format, shift) of each replaced layer: static.
+ReplaceSpec = tuple[tuple[Path, QuantFormat, float], ...]
+
+
+def _replacements(spec: ReplaceSpec, weights: Sequence[SVDQuantWeights]) -> dict:
+  return {path: functools.partial(fake_forward, w=w, fmt=fmt, shift=shift)
+          for (path, fmt, shift), w in zip(spec, weights)}
+
+
+def _apply_one(adapter: ModelAdapter, kind: str, params: Any, sample: State, spec: ReplaceSpec,
+               weights: Sequence[SVDQuantWeights], record_inputs: tuple[Path, ...],
+               record_outputs: tuple[Path, ...]) -> tuple[State, dict]:
+  """Runs the block on one sample (no batch axis); returns the new state and recordings."""
+  batched = {k: v[None] for k, v in sample.items()}
+  out, rec = apply_with_taps(adapter.block_module(kind), {"params": params}, *adapter.block_args(batched),
+                             replace=_replacements(spec, weights), record_inputs=record_inputs,
+                             record_outputs=record_outputs)
+  new_state = adapter.update_state(batched, out)
+  unbatch = functools.partial(jax.tree_util.tree_map, lambda a: a[0])
+  return unbatch(new_state), unbatch(rec)
+
+
+@functools.partial(jax.jit, static_argnames=("adapter", "kind", "spec", "record_inputs", "record_outputs",
+                                             "batch_size"))
+def run_block(adapter: ModelAdapter, kind: str, params: Any, state: State, weights: Sequence[SVDQuantWeights] = (),
+              *, spec: ReplaceSpec = (), record_inputs: tuple[Path, ...] = (),
+              record_outputs: tuple[Path, ...] = (), batch_size: int = 8) -> tuple[State, dict]:
+  """One block over all samples: ``state [S, ...] -> (state after the block, recordings [S, ...])``.
+
+  Args:
+    adapter, kind: which model and block kind (static).
+    params: the block's params subtree.
+    state: per-sample block inputs, leading axis S.
+    weights, spec: layers replaced by their fake-quantized SVDQuant form.
+    record_inputs / record_outputs: layer inputs / module outputs to return, per sample.
+    batch_size: samples per device batch.
+  """
+  def body(sample):
+    return _apply_one(adapter, kind, params, sample, spec, weights, record_inputs, record_outputs)
+  return jax.lax.map(body, state, batch_size=batch_size)
+
+
+def _squared_error(out: Any, ref: Any) -> Array:
+  errs = jax.tree_util.tree_map(
+      lambda o, r: jnp.sum(jnp.square(o.astype(jnp.float32) - r.astype(jnp.float32))), out, ref)
+  return sum(jax.tree_util.tree_leaves(errs))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleOutputLoss:
+  """``Σ_samples ||module(x; candidates) - module(x; full precision)||²`` for an eval module.
+
+  Calling it with ``candidates`` (one :class:`SVDQuantWeights` or ``None`` per group layer) runs
+  the block on every sample with those layers fake-quantized (``None``: left in full precision)
+  and compares the output of ``eval_path`` (``()``: the whole block) with ``reference``.
+  """
+  params: Any
+  state: State
+  reference: Any
+  adapter: ModelAdapter
+  kind: str
+  layer_paths: tuple[Path, ...]
+  eval_path: Path
+  fmt: QuantFormat
+  shifts: tuple[float, ...]
+  batch_size: int
+
+  def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
+    used = [(p, s, c) for p, s, c in zip(self.layer_paths, self.shifts, candidates) if c is not None]
+    spec = tuple((p, self.fmt, s) for p, s, _ in used)
+    weights = [c for _, _, c in used]
+
+    def body(xs):
+      sample, ref = xs
+      _, rec = _apply_one(self.adapter, self.kind, self.params, sample, spec, weights, (), (self.eval_path,))
+      return _squared_error(rec["outputs"][self.eval_path], ref)
+
+    return jnp.sum(jax.lax.map(body, (self.state, self.reference), batch_size=self.batch_size))
+
+
+jax.tree_util.register_dataclass(
+    ModuleOutputLoss, data_fields=["params", "state", "reference"],
+    meta_fields=["adapter", "kind", "layer_paths", "eval_path", "fmt", "shifts", "batch_size"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOutputsLoss:
+  """``Σ_i ||fake_forward(x_i; candidate_i) - (x_i W_i + b_i)||²``: each linear on its own input.
+
+  Unlike the linear-level loss of ``smooth.py`` the layers may read *different* inputs (FLUX
+  ``to_out`` reads image tokens, ``to_add_out`` text tokens, yet they share one λ).
+  """
+  xs: tuple
+  targets: tuple
+  fmt: QuantFormat
+  shifts: tuple[float, ...]
+
+  def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
+    total = jnp.zeros((), jnp.float32)
+    for x, target, shift, cand in zip(self.xs, self.targets, self.shifts, candidates):
+      if cand is not None:
+        total = total + jnp.sum(jnp.square(fake_forward(x, cand, self.fmt, shift) - target))
+    return total
+
+
+jax.tree_util.register_dataclass(LayerOutputsLoss, data_fields=["xs", "targets"], meta_fields=["fmt", "shifts"])
+
+
+@jax.jit
+def _linear_targets(x: Array, kernel: Array, bias: Array | None) -> Array:
+  y = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=PRECISION)
+  return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def layer_outputs_loss(xs: Sequence[Array], kernels: Sequence[Array], biases: Sequence[Array | None],
+                       fmt: QuantFormat, shifts: Sequence[float]) -> LayerOutputsLoss:
+  """Builds :class:`LayerOutputsLoss` from per-layer inputs ``[T_i, K]`` (float32 kept)."""
+  xs = tuple(x.astype(jnp.float32) for x in xs)
+  targets = tuple(_linear_targets(x, w, b) for x, w, b in zip(xs, kernels, biases))
+  return LayerOutputsLoss(xs, targets, fmt, tuple(float(s) for s in shifts))

@@ -1,0 +1,422 @@
+"""Block-by-block SVDQuant post-training quantization of a transformer (spec §1.1).
+
+For each block, in order:
+  1. record the inputs of the block's linear groups over all calibration samples (one pass);
+  2. per group (policy.py): smoothing search -> low-rank branch (alternating) -> optional GPTQ,
+     minimizing the output error of the group's eval module (``quantize_linear_group``);
+  3. weight-only (W4A16) layers: round to nearest;
+  4. save the block's result (orbax) and mark it done in ``progress.json``, so that a killed run
+     resumes at the next block and ends with the same bits as an uninterrupted run;
+  5. the next block's inputs: the block's full-precision outputs (``replay="fp"``, as
+     deepcompressor, whose smoothing and branch are exact re-parametrizations before weights are
+     quantized) or its outputs with every quantized layer applied (``replay="quantized"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from svdquant_jax.quant import block_calib
+from svdquant_jax.quant.adapters import BlockRef, ModelAdapter, State
+from svdquant_jax.quant.calib_cache import CalibrationSet
+from svdquant_jax.quant.policy import POLICIES, resolve_skips
+from svdquant_jax.quant.quantizers import (FORMATS, GELU_SHIFT, QuantFormat, QuantizedWeight, W4A16_INT4)
+from svdquant_jax.quant.smooth import alpha_beta_grid
+from svdquant_jax.quant.svdquant import SVDQuantWeights, plain_weights, quantize_linear_group
+from svdquant_jax.quant.taps import parse_path
+from svdquant_jax.utils.files import atomic_write_text
+from svdquant_jax.utils.progress import Progress
+
+Array = jax.Array
+PROGRESS_FILE = "progress.json"
+
+
+class ResumeError(ValueError):
+  """Saved progress does not match the run being resumed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQSettings:
+  """What to quantize and how (built from the ``quant`` and ``calib`` config sections)."""
+  format: str = "int4"
+  rank: int = 32
+  smooth: bool = True
+  num_grids: int = 20
+  lowrank_iters: int = 100
+  early_stop: bool = True
+  gptq: bool = False
+  gptq_damp: float = 0.01
+  gptq_block_size: int = 128
+  shift_activations: bool = True
+  weight_only_adaln: bool = True
+  skips: tuple[str, ...] = ()
+  candidate_batch: int = 8
+  batch_size: int = 8
+  replay: str = "fp"
+  max_tokens: int = 0
+  token_seed: int = 0
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ValueError(f"unknown quantization format {self.format!r}; expected one of {sorted(FORMATS)}")
+    if self.replay not in ("fp", "quantized"):
+      raise ValueError(f"calib.replay must be 'fp' or 'quantized', got {self.replay!r}")
+    if self.rank < 0:
+      raise ValueError(f"quant.rank must be >= 0, got {self.rank}")
+    if self.batch_size <= 0 or self.candidate_batch <= 0:
+      raise ValueError("calib.batch_size and quant.smooth.candidates_per_batch must be positive")
+
+  @property
+  def fmt(self) -> QuantFormat:
+    return FORMATS[self.format]
+
+  @classmethod
+  def from_config(cls, config: Any) -> "PTQSettings":
+    q, c = config.quant, config.calib
+    return cls(format=q.format, rank=q.rank, smooth=q.smooth.enabled, num_grids=q.smooth.num_grids,
+               lowrank_iters=q.lowrank.num_iters, early_stop=q.lowrank.early_stop, gptq=q.gptq.enabled,
+               gptq_damp=q.gptq.damp, gptq_block_size=q.gptq.block_size, shift_activations=q.shift_activations,
+               weight_only_adaln=q.weight_only_adaln, skips=tuple(q.skips),
+               candidate_batch=q.smooth.candidates_per_batch, batch_size=c.batch_size, replay=c.replay,
+               max_tokens=c.get("max_tokens", 0), token_seed=c.seed)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLayer:
+  """One quantized linear: its float SVDQuant pieces and how it is quantized.
+
+  ``weights`` is the float form (smoothing λ, residual, low-rank factors, bias; GPTQ codes in
+  ``residual_q``); ``fmt`` the format; ``shift`` the activation shift δ (unsigned fc2 input).
+  """
+  weights: SVDQuantWeights
+  fmt: QuantFormat
+  shift: float = 0.0
+
+
+# ----------------------------------------------------------------------------- state
+def initial_state(adapter: ModelAdapter, params: Mapping[str, Any], calib: CalibrationSet,
+                  indices: Sequence[int], batch_size: int) -> State:
+  """The first block's inputs for the calibration samples ``indices``: ``[S, ...]`` on device.
+
+  Samples stream from disk batch by batch; only the embedded states stay on device.
+  """
+  embed = jax.jit(adapter.embed)
+  parts = []
+  for batch in calib.batches(list(indices), batch_size):
+    parts.append(embed(params, {k: jnp.asarray(v) for k, v in _as_call_inputs(adapter, batch).items()}))
+  return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+
+
+def _as_call_inputs(adapter: ModelAdapter, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Stacked calibration samples -> the transformer's call arguments.
+
+  Per-sample tensors gain a batch axis when stacked; the FLUX token ids are shared by the batch
+  (``[S, 3]`` in the model), so they are taken from the first sample after checking that all
+  samples agree (samples of different resolutions cannot be batched).
+  """
+  out = dict(batch)
+  if adapter.family == "flux":
+    for name in ("img_ids", "txt_ids"):
+      ids = out[name]
+      if not np.all(ids == ids[:1]):
+        raise ValueError(f"calibration samples in one batch have different {name} (different resolutions); "
+                         "collect calibration data at one resolution")
+      out[name] = ids[0]
+  return out
+
+
+# ----------------------------------------------------------------------------- one block
+def _subsample_tokens(x: Array, max_tokens: int, seed: int) -> Array:
+  """``[..., K] -> [T, K]``; at most ``max_tokens`` rows, chosen by a seeded permutation."""
+  x = x.reshape(-1, x.shape[-1])
+  if max_tokens and x.shape[0] > max_tokens:
+    rows = np.sort(np.random.default_rng(seed).permutation(x.shape[0])[:max_tokens])
+    x = x[rows]
+  return x
+
+
+def _dense(params: Mapping[str, Any], path: tuple[str, ...], where: str) -> tuple[Array, Array | None]:
+  node = params
+  for p in path:
+    if p not in node:
+      raise ValueError(f"{where}: the block has no layer {'/'.join(path)}")
+    node = node[p]
+  return node["kernel"], node.get("bias")
+
+
+def quantize_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, Any], state: State,
+                   settings: PTQSettings, skipped: set[tuple[str, str]], block_index: int,
+                   log: Callable[[str], None] = lambda s: None) -> dict[str, QuantizedLayer]:
+  """Quantizes one block's layers; returns ``{block-relative layer path: QuantizedLayer}``."""
+  policy = POLICIES[block.kind]
+  fmt = model_format(settings, adapter)
+  grid = alpha_beta_grid(settings.num_grids) if settings.smooth else None
+  result: dict[str, QuantizedLayer] = {}
+  for g_index, group in enumerate(policy.groups):
+    layers = [l for l in group.layers if (block.name, l) not in skipped]
+    if not layers:
+      continue
+    paths = tuple(parse_path(l) for l in layers)
+    eval_path = None if group.eval_module is None else parse_path(group.eval_module)
+    _, rec = block_calib.run_block(adapter, block.kind, params, state, record_inputs=paths,
+                                   record_outputs=() if eval_path is None else (eval_path,),
+                                   batch_size=settings.batch_size)
+    kernels, biases = zip(*(_dense(params, p, block.name) for p in paths))
+    # The shifted unsigned input exists in the INT4 activation path only (as in Nunchaku).
+    shift = GELU_SHIFT if (group.unsigned and settings.shift_activations and fmt.act == "int4") else 0.0
+    shifts = [shift] * len(paths)
+    seed = (settings.token_seed * 1_000_003 + block_index * 1009 + g_index) % (2 ** 31)
+    if group.shared_input:
+      xs = [_subsample_tokens(rec["inputs"][paths[0]], settings.max_tokens, seed)] * len(paths)
+      x_all = xs[0]
+    else:
+      xs = [_subsample_tokens(rec["inputs"][p], settings.max_tokens, seed) for p in paths]
+      x_all = jnp.concatenate(xs, axis=0)
+    if eval_path is None:
+      loss = block_calib.layer_outputs_loss(xs, kernels, biases, fmt, shifts)
+    else:
+      loss = block_calib.ModuleOutputLoss(params, state, rec["outputs"][eval_path], adapter, block.kind, paths,
+                                          eval_path, fmt, tuple(shifts), settings.batch_size)
+    gptq_inputs = None if (group.shared_input or not settings.gptq) else xs
+    weights, info = quantize_linear_group(
+        list(kernels), list(biases), x_all, fmt, rank=settings.rank, smooth=settings.smooth, grid=grid,
+        lowrank_iters=settings.lowrank_iters if settings.rank else 1, early_stop=settings.early_stop,
+        gptq=settings.gptq, shifts=shifts, loss_fn=loss, name=f"{block.name}/{group.name}",
+        candidate_batch=settings.candidate_batch, gptq_block_size=settings.gptq_block_size,
+        gptq_damp=settings.gptq_damp, gptq_inputs=gptq_inputs, return_info=True)
+    for layer, w in zip(layers, weights):
+      result[layer] = QuantizedLayer(w, fmt, shift)
+    log(_group_log(block.name, group.name, info, grid))
+  if settings.weight_only_adaln:
+    for layer in policy.weight_only:
+      if (block.name, layer) not in skipped:
+        kernel, bias = _dense(params, parse_path(layer), block.name)
+        weight_only = dataclasses.replace(W4A16_INT4, scale_dtype=fmt.scale_dtype)
+        result[layer] = QuantizedLayer(plain_weights(kernel, bias), weight_only, 0.0)
+  return result
+
+
+def model_format(settings: PTQSettings, adapter: ModelAdapter) -> QuantFormat:
+  """The format with its scale storage dtype set to the model's parameter dtype, so that the
+  searches see exactly the scales the deployed layer stores (bf16 for FLUX, fp16 for PixArt)."""
+  return dataclasses.replace(settings.fmt, scale_dtype=jnp.dtype(adapter.config.param_dtype).name)
+
+
+def _group_log(block: str, group: str, info: Any, grid: Any) -> str:
+  parts = [f"{block}/{group}:"]
+  idx = int(info.smooth_index)
+  if idx >= 0:
+    a, b = grid[idx]
+    parts.append(f"smooth (a={a:.2f}, b={b:.2f}) loss {float(info.smooth_losses[idx]):.4g}")
+  for i, (losses, best) in enumerate(zip(info.lowrank_losses, info.lowrank_best)):
+    if losses.size:
+      ran = int(np.sum(np.isfinite(np.asarray(losses))))
+      parts.append(f"branch[{i}] best iter {int(best) + 1}/{ran} loss {float(losses[int(best)]):.4g}")
+  return " ".join(parts)
+
+
+def replay_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, Any], state: State,
+                 layers: Mapping[str, QuantizedLayer], settings: PTQSettings) -> State:
+  """The next block's inputs (full precision, or with this block's quantized layers)."""
+  if settings.replay == "fp":
+    new_state, _ = block_calib.run_block(adapter, block.kind, params, state, batch_size=settings.batch_size)
+    return new_state
+  names = sorted(layers)
+  spec = tuple((parse_path(n), layers[n].fmt, layers[n].shift) for n in names)
+  new_state, _ = block_calib.run_block(adapter, block.kind, params, state, [layers[n].weights for n in names],
+                                       spec=spec, batch_size=settings.batch_size)
+  return new_state
+
+
+# ----------------------------------------------------------------------------- progress on disk
+def _layer_tree(layer: QuantizedLayer) -> dict[str, Any]:
+  w = layer.weights
+  tree = {"smooth": w.smooth, "residual": w.residual, "bias": w.bias}
+  if w.rank:  # orbax cannot store zero-size arrays; a rank-0 branch is rebuilt from the shapes
+    tree.update(lora_a=w.lora_a, lora_b=w.lora_b)
+  if w.residual_q is not None:
+    tree["residual_q"] = {"codes": w.residual_q.codes, "scales": w.residual_q.scales,
+                          "tensor_scale": w.residual_q.tensor_scale}
+  return tree
+
+
+def _layer_from_tree(tree: Mapping[str, Any], fmt: QuantFormat, shift: float) -> QuantizedLayer:
+  rq = tree.get("residual_q")
+  residual_q = None if rq is None else QuantizedWeight(rq["codes"], rq["scales"], rq["tensor_scale"])
+  k, n = tree["residual"].shape
+  lora_a = tree.get("lora_a", jnp.zeros((k, 0), jnp.float32))
+  lora_b = tree.get("lora_b", jnp.zeros((0, n), jnp.float32))
+  w = SVDQuantWeights(tree["smooth"], tree["residual"], lora_a, lora_b, tree["bias"], residual_q)
+  return QuantizedLayer(w, fmt, shift)
+
+
+def _fmt_json(fmt: QuantFormat) -> dict[str, Any]:
+  return dataclasses.asdict(fmt)
+
+
+class ProgressStore:
+  """Per-block results of an interrupted quantization, with what they were computed from.
+
+  Layout: ``progress.json`` (the run's identity and the finished blocks, rewritten atomically
+  after each block) and ``blocks/<index>-<name>/`` (orbax checkpoint + ``layers.json``).
+  A block counts as done only once ``progress.json`` lists it.
+  """
+
+  def __init__(self, folder: str, identity: Mapping[str, Any], resume: bool):
+    self.folder = folder
+    self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+    self.done: list[str] = []
+    path = os.path.join(folder, PROGRESS_FILE)
+    if os.path.exists(path) and resume:
+      with open(path) as f:
+        saved = json.load(f)
+      if saved["identity"] != self.identity:
+        diff = sorted(k for k in set(saved["identity"]) | set(self.identity)
+                      if saved["identity"].get(k) != self.identity.get(k))
+        raise ResumeError(f"{folder} holds progress of a different quantization run ({', '.join(diff)} differ); "
+                          "pass --config.resume=false to start over or use another output folder")
+      self.done = list(saved["done"])
+    elif os.path.exists(folder):
+      shutil.rmtree(folder)
+    os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
+    self._checkpointer = ocp.StandardCheckpointer()
+
+  def _dir(self, index: int, name: str) -> str:
+    return os.path.abspath(os.path.join(self.folder, "blocks", f"{index:03d}-{name}"))
+
+  def load(self, index: int, name: str) -> dict[str, QuantizedLayer]:
+    folder = self._dir(index, name)
+    with open(os.path.join(folder, "layers.json")) as f:
+      meta = json.load(f)
+    tree = self._checkpointer.restore(os.path.join(folder, "arrays"))
+    out = {}
+    for layer, m in meta.items():
+      node = tree
+      for p in parse_path(layer):
+        node = node[p]
+      out[layer] = _layer_from_tree(node, QuantFormat(**m["fmt"]), m["shift"])
+    return out
+
+  def save(self, index: int, name: str, layers: Mapping[str, QuantizedLayer]) -> None:
+    folder = self._dir(index, name)
+    if os.path.exists(folder):
+      shutil.rmtree(folder)
+    os.makedirs(folder)
+    tree: dict[str, Any] = {}
+    for layer, q in layers.items():
+      node = tree
+      *parents, last = parse_path(layer)
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[last] = _layer_tree(q)
+    self._checkpointer.save(os.path.join(folder, "arrays"), tree)
+    self._checkpointer.wait_until_finished()
+    atomic_write_text(os.path.join(folder, "layers.json"), json.dumps(
+        {layer: {"fmt": _fmt_json(q.fmt), "shift": q.shift} for layer, q in layers.items()}, indent=1))
+    self.done.append(name)
+    atomic_write_text(os.path.join(self.folder, PROGRESS_FILE),
+                      json.dumps({"identity": self.identity, "done": self.done}, indent=1))
+
+
+def run_identity(settings: PTQSettings, fingerprint: str, calib_fingerprint: str,
+                 indices: Sequence[int]) -> dict[str, Any]:
+  """What a resumed run must share with the interrupted one."""
+  return {"settings": settings.to_json(), "model": fingerprint, "calibration": calib_fingerprint,
+          "samples": hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]}
+
+
+# ----------------------------------------------------------------------------- the whole model
+def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state: State, settings: PTQSettings, *,
+                         progress: ProgressStore | None = None, stop_after: int | None = None,
+                         log: Callable[[str], None] = print) -> dict[str, QuantizedLayer]:
+  """Quantizes every block; returns ``{"<block>/<layer>": QuantizedLayer}``.
+
+  Args:
+    adapter: the model family and config.
+    params: the full-precision transformer params.
+    state: the first block's inputs for all calibration samples (:func:`initial_state`).
+    settings: quantization settings.
+    progress: where per-block results are saved and resumed from (``None``: nothing saved).
+    stop_after: stop (raising ``KeyboardInterrupt``) after this many newly quantized blocks;
+      for testing the resume path.
+    log: receives one progress line per block and one line per group.
+  """
+  blocks = adapter.blocks()
+  skipped = resolve_skips(settings.skips, {b.name: b.kind for b in blocks})
+  result: dict[str, QuantizedLayer] = {}
+  bar = Progress(len(blocks), "[ptq] block", style="lines", stream=_LogStream(log))
+  fresh = 0
+  for index, block in enumerate(blocks):
+    block_params = params[block.name]
+    if progress is not None and block.name in progress.done:
+      layers = progress.load(index, block.name)
+      bar.skip(1)
+      log(f"[ptq] {block.name}: resumed from {progress.folder}")
+    else:
+      if stop_after is not None and fresh >= stop_after:
+        raise KeyboardInterrupt(f"stopped before {block.name} (stop_after={stop_after})")
+      layers = quantize_block(adapter, block, block_params, state, settings, skipped, index, log)
+      if progress is not None:
+        progress.save(index, block.name, layers)
+      fresh += 1
+      bar.update(note=block.name)
+    for layer, q in layers.items():
+      result[f"{block.name}/{layer}"] = q
+    if index + 1 < len(blocks):
+      state = replay_block(adapter, block, block_params, state, layers, settings)
+  return result
+
+
+class _LogStream:
+  """Adapts a ``log(str)`` function to the stream interface of :class:`Progress`."""
+
+  def __init__(self, log: Callable[[str], None]):
+    self._log = log
+
+  def write(self, text: str) -> None:
+    if text.strip():
+      self._log(text.rstrip("\n"))
+
+  def flush(self) -> None:
+    pass
+
+
+def block_errors(adapter: ModelAdapter, params: Mapping[str, Any], state: State,
+                 layers: Mapping[str, QuantizedLayer], batch_size: int = 8) -> list[tuple[str, float]]:
+  """Relative error of every block's output when the quantized layers of all blocks so far are
+  applied (fake-quantized), against the full-precision model, on the calibration samples.
+
+  Returns:
+    ``[(block name, ||h_q - h_fp|| / ||h_fp||)]`` over the concatenated streams of each block.
+  """
+  fp_settings = PTQSettings(replay="fp", batch_size=batch_size)
+  q_settings = PTQSettings(replay="quantized", batch_size=batch_size)
+  fp, q = state, state
+  out = []
+  for block in adapter.blocks():
+    prefix = block.name + "/"
+    mine = {k[len(prefix):]: v for k, v in layers.items() if k.startswith(prefix)}
+    fp = replay_block(adapter, block, params[block.name], fp, mine, fp_settings)
+    q = replay_block(adapter, block, params[block.name], q, mine, q_settings)
+    num = den = 0.0
+    # PixArt blocks update only the image stream; FLUX blocks update both.
+    keys = ("hidden_states",) if block.kind == "pixart" else ("hidden_states", "encoder_hidden_states")
+    for key in keys:
+      a, b = np.asarray(q[key], np.float64), np.asarray(fp[key], np.float64)
+      num += float(np.sum((a - b) ** 2))
+      den += float(np.sum(b ** 2))
+    out.append((block.name, float(np.sqrt(num / max(den, 1e-30)))))
+  return out

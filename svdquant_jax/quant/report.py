@@ -1,0 +1,392 @@
+"""Layer-level evidence for the SVDQuant transforms (spec §7): error tables and singular spectra.
+
+A seeded synthetic linear layer with the outlier structure of diffusion transformers (a few input
+channels with 10-100x larger activations; heavy-tailed weight rows, i.e. input channels, and a
+fast-decaying spectrum) is quantized by each method from calibration tokens, and the relative
+output error ``||x W - ŷ||_F / ||x W||_F`` on held-out tokens is tabulated:
+
+  W4A4 (INT4 g64 and NVFP4 g16): RTN; smoothing only (39-pair grid, no branch); SVD only (r = 32,
+  no smoothing); LoRC (SVD_r of W - Q(W), Q(W) kept); smoothing + LoRC (λ of smoothing only);
+  SVDQuant one-shot; + alternating refinement; + GPTQ on the residual. Baselines: W4A16 INT4 g64
+  and NF4 g64, W8A8 (per-channel / per-token INT8). A rank sweep of SVDQuant, and the singular
+  values of W, Ŵ = diag(λ) W and R = Ŵ - L (the SVDQuant + alternating layer) as a PNG.
+
+``launch/layer_report.py`` is the command-line entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdquant_jax.quant import gptq, lowrank, smooth
+from svdquant_jax.quant import quantizers as qz
+from svdquant_jax.quant.svdquant import SVDQuantWeights, fake_forward, plain_weights, quantize_linear_group
+from svdquant_jax.utils.files import atomic_write_text
+
+W4A4_METHODS = ("RTN", "Smoothing only", "SVD only", "LoRC", "Smoothing + LoRC", "SVDQuant (one-shot)",
+                "SVDQuant + alternating", "SVDQuant + GPTQ")
+BASELINES = ("W4A16 INT4 g64", "W4A16 NF4 g64", "W8A8 INT8")
+RANKS = (0, 8, 16, 32, 64, 128)
+W4A4_FORMATS = {"int4": qz.INT4, "nvfp4": qz.NVFP4}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SyntheticLayer:
+  """A seeded linear layer ``y = x @ kernel`` (no bias).
+
+  Attributes:
+    x: ``[rows, K]`` float32 calibration inputs (the searches and GPTQ see only these).
+    x_eval: ``[rows, K]`` float32 held-out inputs from the same distribution (the errors are
+      measured on these).
+    kernel: ``[K, N]`` float32.
+    outlier_channels: indices of the input channels with 10-100x activations.
+    seed: the generator seed.
+  """
+  x: jax.Array
+  x_eval: jax.Array
+  kernel: jax.Array
+  outlier_channels: tuple
+  seed: int
+
+
+def make_synthetic_layer(seed: int = 0, rows: int = 512, k: int = 256, n: int = 768) -> SyntheticLayer:
+  """A FLUX-like layer scaled down (qkv: 3072 x 9216 at 1/12 by default).
+
+  Activations: Gaussian tokens with a shared low-rank component, per-channel scales spread
+  log-normally, and ``max(2, K // 64)`` outlier channels scaled by 10-100x (log-uniform).
+  Weights: a power-law spectrum (σ_i ∝ i^-0.5 over min(K, N) / 2 directions) plus a noise floor,
+  with input-channel rows scaled by a heavy-tailed log-normal factor ``exp(0.3 t)``, t Student-t
+  with 3 degrees of freedom (clipped to ±6).
+  """
+  if min(rows, k, n) < 1:
+    raise qz.QuantizationError(f"rows, k and n must be positive, got {rows}, {k}, {n}")
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((2 * rows, k)) * np.exp(0.4 * rng.standard_normal(k))
+  x += 0.5 * rng.standard_normal((2 * rows, 8)) @ rng.standard_normal((8, k))
+  count = max(2, k // 64)
+  outliers = np.sort(rng.choice(k, count, replace=False))
+  x[:, outliers] *= np.exp(rng.uniform(np.log(10), np.log(100), count))
+  r = min(k, n) // 2
+  u, _ = np.linalg.qr(rng.standard_normal((k, r)))
+  v, _ = np.linalg.qr(rng.standard_normal((n, r)))
+  w = (u * (1 + np.arange(r)) ** -0.5) @ v.T * 4 + 0.05 * rng.standard_normal((k, n))
+  w *= np.exp(0.3 * np.clip(rng.standard_t(3, size=(k, 1)), -6, 6))
+  w /= np.sqrt(k)
+  return SyntheticLayer(jnp.asarray(x[:rows], jnp.float32), jnp.asarray(x[rows:], jnp.float32),
+                        jnp.asarray(w, jnp.float32), tuple(int(i) for i in outliers), seed)
+
+
+def relative_error(layer: SyntheticLayer, y_hat: jax.Array) -> float:
+  """``||x W - ŷ||_F / ||x W||_F`` in float64 on the held-out inputs ``x_eval``."""
+  y = np.asarray(layer.x_eval, np.float64) @ np.asarray(layer.kernel, np.float64)
+  return float(np.linalg.norm(np.asarray(y_hat, np.float64) - y) / np.linalg.norm(y))
+
+
+_forward = jax.jit(fake_forward, static_argnums=(2, 3))
+
+
+def _lorc(w_hat: jax.Array, smooth_scale: jax.Array, fmt: qz.QuantFormat, rank: int) -> SVDQuantWeights:
+  """LoRC: quantize Ŵ, approximate its quantization error by SVD_r, keep Q(Ŵ) (``residual_q``)."""
+  q = qz.quantize_weight(w_hat, fmt)
+  a, b = lowrank.svd_lowrank(w_hat - qz.dequantize_weight(q, fmt), rank)
+  return SVDQuantWeights(smooth_scale, w_hat, a, b, jnp.zeros((w_hat.shape[1],), jnp.float32), q)
+
+
+def _pair(pair: Sequence[float]) -> tuple[float, ...]:
+  return tuple(round(float(v), 4) for v in pair)
+
+
+def evaluate_w4a4(layer: SyntheticLayer, fmt: qz.QuantFormat, rank: int = 32, grid: Sequence | None = None,
+                  lowrank_iters: int = 100, methods: Sequence[str] = W4A4_METHODS) -> tuple[dict, dict]:
+  """Relative output error of each W4A4 method in ``methods``.
+
+  Returns:
+    ``(errors {method: float}, details)``; ``details`` has the chosen (α, β) pairs, the alternating
+    iterations and the SVDQuant + alternating layer (for the spectra) when computed.
+  """
+  unknown = set(methods) - set(W4A4_METHODS)
+  if unknown:
+    raise qz.QuantizationError(f"unknown methods {sorted(unknown)}; expected some of {W4A4_METHODS}")
+  grid = smooth.alpha_beta_grid() if grid is None else tuple(grid)
+  x, w = layer.x, layer.kernel
+  k = w.shape[0]
+  ones = jnp.ones((k,), jnp.float32)
+  errors, details = {}, {}
+
+  def err(weights):
+    return relative_error(layer, _forward(layer.x_eval, weights, fmt, 0.0))
+
+  def group(**kwargs):
+    return quantize_linear_group([w], None, x, fmt, grid=grid, return_info=True, name="synthetic", **kwargs)
+
+  smooth_lam = None
+  if {"Smoothing only", "Smoothing + LoRC"} & set(methods):
+    (only,), info = group(rank=0)
+    smooth_lam = only.smooth
+    details["smoothing only (alpha, beta)"] = _pair(grid[int(info.smooth_index)])
+  svdquant = {"SVDQuant (one-shot)", "SVDQuant + alternating", "SVDQuant + GPTQ"} & set(methods)
+  if svdquant:
+    # One pipeline run: the search does not depend on the later stages, iteration 1 of the
+    # alternating loop is the one-shot SVDQuant layer, and GPTQ works on the kept residual (as
+    # quantize_linear_group(..., gptq=True) does).
+    (refined,), info = group(rank=rank, lowrank_iters=lowrank_iters)
+    details["SVDQuant (alpha, beta)"] = _pair(grid[int(info.smooth_index)])
+    losses = np.asarray(info.lowrank_losses[0])
+    details["alternating iterations (run, best)"] = (int(np.sum(np.isfinite(losses))), int(info.lowrank_best[0]) + 1)
+    details["svdquant_layer"] = refined
+  for method in methods:
+    if method == "RTN":
+      errors[method] = err(plain_weights(w))
+    elif method == "Smoothing only":
+      errors[method] = err(plain_weights(w, None, smooth_lam))
+    elif method == "SVD only":
+      errors[method] = err(smooth.one_shot_candidate(w, ones, jnp.zeros(w.shape[1]), rank))
+    elif method == "LoRC":
+      errors[method] = err(_lorc(w, ones, fmt, rank))
+    elif method == "Smoothing + LoRC":
+      errors[method] = err(_lorc(smooth_lam[:, None] * w, smooth_lam, fmt, rank))
+    elif method == "SVDQuant (one-shot)":
+      errors[method] = err(smooth.one_shot_candidate(w, refined.smooth, jnp.zeros(w.shape[1]), rank))
+    elif method == "SVDQuant + alternating":
+      errors[method] = err(refined)
+    elif method == "SVDQuant + GPTQ":
+      hess = gptq.hessian_from_inputs(x, refined.smooth)
+      result = gptq.gptq_quantize(refined.residual, hess, fmt)
+      if not bool(result.stable):
+        raise qz.QuantizationError("synthetic layer: GPTQ Hessian not positive definite after damping retries")
+      errors[method] = err(dataclasses.replace(refined, residual_q=result.qweight))
+  return errors, details
+
+
+def evaluate_baselines(layer: SyntheticLayer) -> dict[str, float]:
+  """W4A16 (INT4 g64, NF4 g64) and W8A8 RTN errors."""
+  w = plain_weights(layer.kernel)
+  return {
+      "W4A16 INT4 g64": relative_error(layer, _forward(layer.x_eval, w, qz.W4A16_INT4, 0.0)),
+      "W4A16 NF4 g64": relative_error(layer, _forward(layer.x_eval, w, qz.W4A16_NF4, 0.0)),
+      "W8A8 INT8": relative_error(layer, _forward(layer.x_eval, w, qz.W8A8, 0.0)),
+  }
+
+
+def rank_sweep(layer: SyntheticLayer, fmt: qz.QuantFormat, ranks: Sequence[int] = RANKS, grid: Sequence | None = None,
+               lowrank_iters: int = 100, known: Mapping[int, float] | None = None) -> dict[int, float]:
+  """SVDQuant (smoothing search at each rank, then ``lowrank_iters`` alternating iterations) per rank.
+
+  ``known``: errors already computed by the same pipeline (e.g. rank 0 = smoothing only), reused.
+  """
+  grid = smooth.alpha_beta_grid() if grid is None else tuple(grid)
+  out = {}
+  for r in ranks:
+    if known and int(r) in known:
+      out[int(r)] = known[int(r)]
+      continue
+    (layer_q,) = quantize_linear_group([layer.kernel], None, layer.x, fmt, rank=r, grid=grid,
+                                       lowrank_iters=lowrank_iters if r else 1, name=f"synthetic rank {r}")
+    out[int(r)] = relative_error(layer, _forward(layer.x_eval, layer_q, fmt, 0.0))
+  return out
+
+
+def singular_spectra(kernel: jax.Array, weights: SVDQuantWeights) -> dict[str, np.ndarray]:
+  """Singular values (float64, descending) of W, Ŵ = diag(λ) W and R."""
+  w = np.asarray(kernel, np.float64)
+  lam = np.asarray(weights.smooth, np.float64)
+  return {"W": np.linalg.svd(w, compute_uv=False),
+          "W_hat": np.linalg.svd(lam[:, None] * w, compute_uv=False),
+          "R": np.linalg.svd(np.asarray(weights.residual, np.float64), compute_uv=False)}
+
+
+@dataclasses.dataclass
+class LayerReport:
+  """All numbers of one report run."""
+  shape: tuple
+  seed: int
+  outlier_channels: tuple
+  rank: int
+  w4a4: dict  # format -> {method: error}
+  details: dict  # format -> details
+  baselines: dict
+  sweep: dict  # format -> {rank: error}
+  spectra: dict
+  sweep_note: str = ""
+
+
+def run_layer_report(layer: SyntheticLayer, formats: Sequence[str] = ("int4", "nvfp4"), rank: int = 32,
+                     ranks: Sequence[int] = RANKS, grid: Sequence | None = None, lowrank_iters: int = 100,
+                     sweep_lowrank_iters: int = 100, methods: Sequence[str] = W4A4_METHODS,
+                     with_baselines: bool = True, sweep_formats: Sequence[str] | None = None) -> LayerReport:
+  """Runs every table for ``layer``; the spectra come from the first format's SVDQuant + alternating.
+
+  ``sweep_formats``: formats of the rank sweep (default: the first of ``formats``).
+  """
+  bad = [f for f in formats if f not in W4A4_FORMATS]
+  if bad:
+    raise qz.QuantizationError(f"unknown formats {bad}; expected some of {sorted(W4A4_FORMATS)}")
+  sweep_formats = tuple(formats[:1]) if sweep_formats is None else tuple(sweep_formats)
+  if set(sweep_formats) - set(formats):
+    raise qz.QuantizationError(f"sweep_formats {sweep_formats} must be among formats {tuple(formats)}")
+  w4a4, details, sweep = {}, {}, {}
+  for name in formats:
+    w4a4[name], details[name] = evaluate_w4a4(layer, W4A4_FORMATS[name], rank, grid, lowrank_iters, methods)
+    if ranks and name in sweep_formats:
+      # Reuse the method table where it ran the same pipeline as the sweep.
+      known = {}
+      if "Smoothing only" in w4a4[name]:
+        known[0] = w4a4[name]["Smoothing only"]
+      same = {1: "SVDQuant (one-shot)", lowrank_iters: "SVDQuant + alternating"}.get(sweep_lowrank_iters)
+      if same in w4a4[name]:
+        known[rank] = w4a4[name][same]
+      sweep[name] = rank_sweep(layer, W4A4_FORMATS[name], ranks, grid, sweep_lowrank_iters, known)
+  spectra = {}
+  for name in formats:
+    if "svdquant_layer" in details[name]:
+      spectra = singular_spectra(layer.kernel, details[name]["svdquant_layer"])
+      break
+  baselines = evaluate_baselines(layer) if with_baselines else {}
+  note = ("one-shot SVDQuant at each rank" if sweep_lowrank_iters == 1 else
+          f"SVDQuant + up to {sweep_lowrank_iters} alternating iterations at each rank")
+  return LayerReport(tuple(layer.x.shape) + (layer.kernel.shape[1],), layer.seed, layer.outlier_channels, rank,
+                     w4a4, details, baselines, sweep, spectra, note + "; rank 0 = smoothing only")
+
+
+def _row(cells: Sequence[Any]) -> str:
+  return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def report_markdown(report: LayerReport, command: str | None = None) -> str:
+  """The tables as markdown."""
+  rows, k, n = report.shape
+  formats = list(report.w4a4)
+  lines = [f"Synthetic layer: x [{rows}, {k}] (calibration) + [{rows}, {k}] held out, W [{k}, {n}], "
+           f"seed {report.seed}, {len(report.outlier_channels)} outlier input channels (10-100x). "
+           "Relative output error ||x W - y_hat||_F / ||x W||_F on the held-out tokens (lower is better).", ""]
+  if command:
+    lines += ["Command: `" + command + "`", ""]
+  if formats:
+    lines += [f"W4A4 methods (rank {report.rank}):", "", _row(["method"] + formats),
+              _row(["---"] + ["---:"] * len(formats))]
+    methods = [m for m in W4A4_METHODS if any(m in report.w4a4[f] for f in formats)]
+    for m in methods:
+      lines.append(_row([m] + [f"{report.w4a4[f][m]:.4f}" if m in report.w4a4[f] else "" for f in formats]))
+    lines.append("")
+    for f in formats:
+      info = {key: val for key, val in report.details[f].items() if key != "svdquant_layer"}
+      if info:
+        lines.append(f"{f}: " + "; ".join(f"{key} = {val}" for key, val in info.items()))
+    lines.append("")
+  if report.baselines:
+    lines += ["Baselines:", "", _row(["method", "error"]), _row(["---", "---:"])]
+    lines += [_row([m, f"{e:.4f}"]) for m, e in report.baselines.items()] + [""]
+  if report.sweep:
+    ranks = sorted({r for s in report.sweep.values() for r in s})
+    lines += [f"SVDQuant rank sweep ({report.sweep_note}):", "", _row(["rank"] + list(report.sweep)),
+              _row(["---:"] + ["---:"] * len(report.sweep))]
+    lines += [_row([r] + [f"{report.sweep[f][r]:.4f}" for f in report.sweep]) for r in ranks] + [""]
+  if report.spectra:
+    lines += ["Singular values (spectra.png): " + ", ".join(
+        f"{name}: s1 {s[0]:.3g}, s{report.rank + 1} {s[min(report.rank, len(s) - 1)]:.3g}"
+        for name, s in report.spectra.items()), ""]
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- spectra plot
+_GLYPHS = {
+    "0": "###|#.#|#.#|#.#|###", "1": ".#.|##.|.#.|.#.|###", "2": "###|..#|###|#..|###", "3": "###|..#|###|..#|###",
+    "4": "#.#|#.#|###|..#|..#", "5": "###|#..|###|..#|###", "6": "###|#..|###|#.#|###", "7": "###|..#|..#|.#.|.#.",
+    "8": "###|#.#|###|#.#|###", "9": "###|#.#|###|..#|###", "-": "...|...|###|...|...", "+": "...|.#.|###|.#.|...",
+    ".": "...|...|...|...|.#.", " ": "...|...|...|...|...", "=": "...|###|...|###|...", "(": ".#.|#..|#..|#..|.#.",
+    ")": ".#.|..#|..#|..#|.#.", "A": ".#.|#.#|###|#.#|#.#", "B": "##.|#.#|##.|#.#|##.", "C": ".##|#..|#..|#..|.##",
+    "D": "##.|#.#|#.#|#.#|##.", "E": "###|#..|##.|#..|###", "F": "###|#..|##.|#..|#..", "G": ".##|#..|#.#|#.#|.##",
+    "H": "#.#|#.#|###|#.#|#.#", "I": "###|.#.|.#.|.#.|###", "J": "..#|..#|..#|#.#|.#.", "K": "#.#|#.#|##.|#.#|#.#",
+    "L": "#..|#..|#..|#..|###", "M": "#.#|###|###|#.#|#.#", "N": "##.|#.#|#.#|#.#|#.#", "O": ".#.|#.#|#.#|#.#|.#.",
+    "P": "##.|#.#|##.|#..|#..", "Q": ".#.|#.#|#.#|###|.##", "R": "##.|#.#|##.|#.#|#.#", "S": ".##|#..|.#.|..#|##.",
+    "T": "###|.#.|.#.|.#.|.#.", "U": "#.#|#.#|#.#|#.#|###", "V": "#.#|#.#|#.#|#.#|.#.", "W": "#.#|#.#|###|###|#.#",
+    "X": "#.#|#.#|.#.|#.#|#.#", "Y": "#.#|#.#|.#.|.#.|.#.", "Z": "###|..#|.#.|#..|###",
+}
+_COLORS = {"W": (31, 119, 180), "W_hat": (255, 127, 14), "R": (44, 160, 44)}
+_LABELS = {"W": "W", "W_hat": "SMOOTHED W = DIAG(L) W", "R": "RESIDUAL R = W_HAT - L"}
+
+
+def _text(img: np.ndarray, x: int, y: int, text: str, color=(0, 0, 0), scale: int = 2) -> None:
+  for i, ch in enumerate(text.upper().replace("_", " ")):
+    rows = _GLYPHS.get(ch, _GLYPHS[" "]).split("|")
+    for r, row in enumerate(rows):
+      for c, on in enumerate(row):
+        if on == "#":
+          y0, x0 = y + r * scale, x + (i * 4 + c) * scale
+          img[max(y0, 0):max(y0 + scale, 0), max(x0, 0):max(x0 + scale, 0)] = color
+
+
+def _line(img: np.ndarray, p0: tuple, p1: tuple, color, width: int = 2) -> None:
+  steps = int(max(abs(p1[0] - p0[0]), abs(p1[1] - p0[1]))) + 1
+  xs = np.rint(np.linspace(p0[0], p1[0], steps)).astype(int)
+  ys = np.rint(np.linspace(p0[1], p1[1], steps)).astype(int)
+  h, w = img.shape[:2]
+  for dx in range(width):
+    for dy in range(width):
+      xx, yy = np.clip(xs + dx - width // 2, 0, w - 1), np.clip(ys + dy - width // 2, 0, h - 1)
+      img[yy, xx] = color
+
+
+def plot_spectra(spectra: Mapping[str, np.ndarray], width: int = 720, height: int = 440) -> np.ndarray:
+  """Rasterizes the spectra on a log10 y axis: ``uint8 [height, width, 3]`` (no plotting library)."""
+  img = np.full((height, width, 3), 255, np.uint8)
+  left, right, top, bottom = 70, 20, 40, 50
+  pw, ph = width - left - right, height - top - bottom
+  positive = np.concatenate([s[s > 0] for s in spectra.values()])
+  lo, hi = np.floor(np.log10(positive.min())), np.ceil(np.log10(positive.max()))
+  hi = max(hi, lo + 1)
+  count = max(len(s) for s in spectra.values())
+
+  def to_px(i, v):
+    x = left + (i / max(count - 1, 1)) * pw
+    y = top + (hi - np.log10(max(v, 10 ** lo))) / (hi - lo) * ph
+    return x, y
+
+  for d in range(int(lo), int(hi) + 1):  # decade grid lines and labels
+    _, y = to_px(0, 10.0 ** d)
+    img[int(round(y)), left:left + pw] = (220, 220, 220)
+    _text(img, 8, int(round(y)) - 5, f"1E{d}")
+  step = max(1, int(10 ** np.floor(np.log10(max(count, 1)))) // 2)
+  for i in range(0, count, step):
+    x, _ = to_px(i, 10 ** lo)
+    img[top + ph:top + ph + 6, int(round(x))] = (0, 0, 0)
+    _text(img, int(round(x)) - 4 * len(str(i)), top + ph + 10, str(i))
+  img[top:top + ph, left] = 0
+  img[top + ph, left:left + pw] = 0
+  _text(img, left, 12, "SINGULAR VALUES")
+  _text(img, left + pw // 2 - 40, height - 18, "INDEX")
+  for name, s in spectra.items():
+    color = _COLORS.get(name, (0, 0, 0))
+    pts = [to_px(i, v) for i, v in enumerate(s)]
+    for p0, p1 in zip(pts[:-1], pts[1:]):
+      _line(img, p0, p1, color)
+  for j, name in enumerate(spectra):  # legend
+    y = top + 12 + 18 * j
+    _line(img, (left + pw - 250, y + 4), (left + pw - 220, y + 4), _COLORS.get(name, (0, 0, 0)), 3)
+    _text(img, left + pw - 212, y, _LABELS.get(name, name))
+  return img
+
+
+def write_report(report: LayerReport, out_dir: str, command: str | None = None) -> dict[str, str]:
+  """Writes ``layer_report.md`` and (with spectra) ``spectra.png`` to ``out_dir``; returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"markdown": os.path.join(out_dir, "layer_report.md")}
+  text = report_markdown(report, command)
+  if report.spectra:
+    from svdquant_jax.utils.png import write_png  # imported lazily: only the plot needs it
+    paths["png"] = os.path.join(out_dir, "spectra.png")
+    write_png(paths["png"], plot_spectra(report.spectra))
+    text += "\n![singular values](spectra.png)\n"
+  atomic_write_text(paths["markdown"], text)
+  return paths
+
+
+__all__ = ["W4A4_METHODS", "BASELINES", "RANKS", "SyntheticLayer", "make_synthetic_layer", "relative_error",
+           "evaluate_w4a4", "evaluate_baselines", "rank_sweep", "singular_spectra", "LayerReport",
+           "run_layer_report", "report_markdown", "plot_spectra", "write_report"]

@@ -1,0 +1,452 @@
+"""The SVDQuant linear in float form, its fake-quantized forward, and the whole-layer entry point.
+
+One linear layer ``y = x @ W + b`` (kernel ``W [K, N]``) becomes (``docs/design.md``, canonical
+formula; spec §1, paper Eq. 5-6)::
+
+  x̂ = x / λ,   Ŵ = diag(λ) W = R + A B,
+  y = Qa(x̂ + δ) · Qw(R) + (x̂ · A) · B + b - δ · 1ᵀ Qw(R)
+
+:class:`SVDQuantWeights` holds the float pieces (λ, R, A, B, b), :func:`fake_forward` evaluates
+the formula with fake quantizers, :func:`to_lora_down` gives the deployed ``lora_down = diag(1/λ) A``
+that reads the raw input. :func:`quantize_linear_group` runs the whole pipeline for the layers
+that share one input: smoothing search (``smooth.py``) -> low-rank branch with alternating
+refinement (``lowrank.py``) -> optional GPTQ on the residual (``gptq.py``).
+
+Everything here works on float32 copies of the kernels (the searches compare small error
+differences); the scales of the quantizers follow ``QuantFormat.scale_dtype``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdquant_jax.quant.quantizers import (
+    GELU_SHIFT, QuantFormat, QuantizationError, QuantizedWeight, dequantize_weight, fake_quant_act,
+    fake_quant_weight, true_divide)
+
+Array = jax.Array
+# Matmul precision of every quantization computation: on GPU, DEFAULT may run f32 matmuls in
+# TF32 (10-bit mantissa), which would blur the small loss differences the searches compare.
+PRECISION = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SVDQuantWeights:
+  """Float form of one SVDQuant linear (a pytree; all arrays float32).
+
+  Attributes:
+    smooth: ``λ [K]``: the input divisor (``x̂ = x / λ``); ones when not smoothed.
+    residual: ``R [K, N] = diag(λ) W - A B``, not quantized.
+    lora_a: ``A [K, r]``: the branch down-projection acting on the smoothed ``x̂`` (orthonormal
+      columns, deepcompressor's ``a`` transposed).
+    lora_b: ``B [r, N]``: the branch up-projection (singular values folded in).
+    bias: ``b [N]``: the original bias (the shift compensation is applied by the forward).
+    residual_q: optional real quantized residual. ``None`` (the usual case): the quantized
+      residual is ``Qw(R)`` (RTN with the format's absmax scales). Set by GPTQ (whose codes are not
+      an RTN of any float tensor we keep) and by error-compensation baselines: then it replaces
+      ``Qw(R)`` everywhere, and ``residual`` keeps the float R it was computed from.
+  """
+  smooth: Array
+  residual: Array
+  lora_a: Array
+  lora_b: Array
+  bias: Array
+  residual_q: QuantizedWeight | None = None
+
+  @property
+  def rank(self) -> int:
+    return self.lora_a.shape[-1]
+
+  @property
+  def in_features(self) -> int:
+    return self.residual.shape[-2]
+
+  @property
+  def out_features(self) -> int:
+    return self.residual.shape[-1]
+
+
+jax.tree_util.register_dataclass(
+    SVDQuantWeights, data_fields=["smooth", "residual", "lora_a", "lora_b", "bias", "residual_q"],
+    meta_fields=[])
+
+
+def plain_weights(kernel: Array, bias: Array | None = None, smooth: Array | None = None) -> SVDQuantWeights:
+  """A layer without low-rank branch (rank 0): ``R = diag(λ) W`` (λ = ones by default)."""
+  k, n = kernel.shape
+  lam = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
+  b = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  return SVDQuantWeights(lam, lam[:, None] * kernel.astype(jnp.float32), jnp.zeros((k, 0), jnp.float32),
+                         jnp.zeros((0, n), jnp.float32), b)
+
+
+def act_shift(fmt: QuantFormat, shift: float) -> float:
+  """The activation shift δ actually applied: ``shift`` for INT4 activations, else 0.
+
+  Nunchaku shifts the fc2 input (GELU output) only in its INT4 path; other formats quantize the
+  signed input directly.
+  """
+  return float(shift) if fmt.act == "int4" else 0.0
+
+
+def quantized_residual(w: SVDQuantWeights, fmt: QuantFormat) -> Array:
+  """``Qw(R) [K, N]`` in float32 (from ``residual_q`` when set)."""
+  if w.residual_q is not None:
+    return dequantize_weight(w.residual_q, fmt, jnp.float32)
+  return fake_quant_weight(w.residual.astype(jnp.float32), fmt)
+
+
+def effective_bias(w: SVDQuantWeights, fmt: QuantFormat, shift: float = 0.0) -> Array:
+  """``b_eff = b - δ 1ᵀ Qw(R)`` ``[N]``: the bias of the deployed layer."""
+  delta = act_shift(fmt, shift)
+  if not delta:
+    return w.bias
+  return w.bias - delta * jnp.sum(quantized_residual(w, fmt), axis=0)
+
+
+def to_lora_down(w: SVDQuantWeights) -> Array:
+  """The deployed down-projection ``diag(1/λ) A [K, r]``: reads the raw (unsmoothed) input."""
+  return true_divide(w.lora_a, w.smooth[:, None])
+
+
+def fake_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 0.0,
+                 precision: Any = PRECISION) -> Array:
+  """The canonical SVDQuant linear with fake quantizers.
+
+  ``y = Qa(x̂ + δ) Qw(R) + (x̂ A) B + b - δ 1ᵀ Qw(R)``, ``x̂ = x / λ``. The branch reads the
+  unquantized ``x̂``; everything is computed in float32.
+
+  Args:
+    x: ``[..., K]``.
+    w: the layer.
+    fmt: quantization format (``fmt.act is None``: weight-only, ``Qa`` is the identity).
+    shift: δ for the unsigned INT4 fc2 input (:data:`GELU_SHIFT`); a static Python float,
+      ignored (δ = 0) unless ``fmt.act == "int4"``.
+    precision: matmul precision.
+
+  Returns:
+    ``[..., N]`` in ``x.dtype``.
+  """
+  delta = act_shift(fmt, shift)
+  x_hat = true_divide(x.astype(jnp.float32), w.smooth)  # IEEE, as the deployed kernels divide
+  qa = fake_quant_act(x_hat + delta if delta else x_hat, fmt, unsigned=delta > 0)
+  qw = quantized_residual(w, fmt)
+  y = jnp.dot(qa, qw, precision=precision)
+  if w.rank:
+    y = y + jnp.dot(jnp.dot(x_hat, w.lora_a, precision=precision), w.lora_b, precision=precision)
+  y = y + w.bias
+  if delta:
+    y = y - delta * jnp.sum(qw, axis=0)
+  return y.astype(x.dtype)
+
+
+def as_traceable_loss(loss_fn: Callable) -> Callable:
+  """Makes ``loss_fn`` a valid ``jax.jit`` argument.
+
+  A pytree callable (``jax.tree_util.Partial`` of a module-level function, or a registered
+  dataclass with ``__call__`` such as :class:`~svdquant_jax.quant.smooth.LinearOutputLoss`) passes
+  through: its arrays are traced, so one compilation serves every call with the same shapes.
+  A plain function or closure is wrapped in ``Partial``; it is then part of the compilation cache
+  key (a new closure object recompiles, and arrays it closes over become constants).
+  """
+  leaves = jax.tree_util.tree_leaves(loss_fn)
+  if any(callable(leaf) for leaf in leaves):
+    return jax.tree_util.Partial(loss_fn)
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------- whole-layer entry point
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupQuantInfo:
+  """Diagnostics of :func:`quantize_linear_group` (a pytree of arrays).
+
+  Attributes:
+    smooth_index: ``int32 []`` index of the chosen (α, β) pair in the grid (-1: no smoothing).
+    smooth_losses: ``[P]`` loss of every grid pair (empty without smoothing).
+    lowrank_losses: per kernel, ``[lowrank_iters]`` loss of each alternating iteration (NaN for
+      iterations not run after an early stop).
+    lowrank_best: per kernel, ``int32 []`` index of the kept iteration (0 = plain SVDQuant).
+    gptq_inv_tries: per kernel, ``int32 []`` Cholesky attempts GPTQ needed (0 without GPTQ).
+    gptq_stable: per kernel, ``bool []`` whether the damped Hessian inverse succeeded.
+  """
+  smooth_index: Array
+  smooth_losses: Array
+  lowrank_losses: tuple
+  lowrank_best: tuple
+  gptq_inv_tries: tuple
+  gptq_stable: tuple
+
+
+jax.tree_util.register_dataclass(
+    GroupQuantInfo, data_fields=["smooth_index", "smooth_losses", "lowrank_losses", "lowrank_best",
+                                 "gptq_inv_tries", "gptq_stable"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _OneLayerLoss:
+  """Adapts a group loss to one layer: the other layers of the group stay in full precision."""
+  group_loss: Callable
+  index: int
+  count: int
+
+  def __call__(self, candidate: SVDQuantWeights) -> Array:
+    candidates = [None] * self.count
+    candidates[self.index] = candidate
+    return self.group_loss(candidates)
+
+
+jax.tree_util.register_dataclass(_OneLayerLoss, data_fields=["group_loss"], meta_fields=["index", "count"])
+
+_STATIC = ("fmt", "rank", "smooth", "grid", "lowrank_iters", "early_stop", "gptq", "shifts",
+           "candidate_batch", "svd_iters", "oversample", "gptq_block_size", "gptq_damp",
+           "hessian_block_rows")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, fmt, rank, smooth, grid,
+                         lowrank_iters, early_stop, gptq, shifts, candidate_batch, svd_iters, oversample,
+                         gptq_block_size, gptq_damp, hessian_block_rows):
+  # Imported here: these modules build on the types above.
+  from svdquant_jax.quant import gptq as gptq_lib
+  from svdquant_jax.quant import lowrank as lowrank_lib
+  from svdquant_jax.quant import smooth as smooth_lib
+
+  k = kernels[0].shape[0]
+  x = x_samples.reshape(-1, k).astype(jnp.float32)
+  kernels = [w.astype(jnp.float32) for w in kernels]
+  biases = [b.astype(jnp.float32) for b in biases]
+  if loss_fn is None:
+    loss_fn = smooth_lib.linear_output_loss(x, kernels, biases, fmt, shifts)
+  if smooth:
+    found = smooth_lib.search_smoothing(
+        kernels, smooth_lib.activation_absmax(x), loss_fn, fmt, biases=biases, rank=rank, grid=grid,
+        candidate_batch=candidate_batch, svd_iters=svd_iters, oversample=oversample)
+    lam, smooth_index, smooth_losses = found.smooth, found.index, found.losses
+  else:
+    lam = jnp.ones((k,), jnp.float32)
+    smooth_index, smooth_losses = jnp.asarray(-1, jnp.int32), jnp.zeros((0,), jnp.float32)
+
+  layers, lr_losses, lr_best = [], [], []
+  for i, (w, b) in enumerate(zip(kernels, biases)):
+    w_hat = lam[:, None] * w
+    if rank:
+      result = lowrank_lib.alternating_lowrank(
+          w_hat, rank, fmt, _OneLayerLoss(loss_fn, i, len(kernels)), lowrank_iters, early_stop,
+          smooth=lam, bias=b, svd_iters=svd_iters, oversample=oversample)
+      layers.append(SVDQuantWeights(lam, result.residual, result.lora_a, result.lora_b, b))
+      lr_losses.append(result.losses)
+      lr_best.append(result.best_iter)
+    else:
+      layers.append(plain_weights(w, b, lam))
+      lr_losses.append(jnp.zeros((0,), jnp.float32))
+      lr_best.append(jnp.asarray(0, jnp.int32))
+
+  tries = [jnp.asarray(0, jnp.int32)] * len(layers)
+  stable = [jnp.asarray(True)] * len(layers)
+  if gptq:
+    shared = None if gptq_inputs is not None else gptq_lib.hessian_from_inputs(x, lam, block_rows=hessian_block_rows)
+    for i, layer in enumerate(layers):
+      hess = shared if shared is not None else gptq_lib.hessian_from_inputs(
+          gptq_inputs[i], lam, block_rows=hessian_block_rows)
+      res = gptq_lib.gptq_quantize(layer.residual, hess, fmt, block_size=gptq_block_size, damp=gptq_damp)
+      layers[i] = dataclasses.replace(layer, residual_q=res.qweight)
+      tries[i], stable[i] = res.inv_tries, res.stable
+  info = GroupQuantInfo(smooth_index, smooth_losses, tuple(lr_losses), tuple(lr_best), tuple(tries), tuple(stable))
+  return layers, info
+
+
+try:
+  _Tracer = jax.core.Tracer
+except AttributeError:  # jax versions that no longer re-export it
+  from jax._src.core import Tracer as _Tracer
+
+
+def _is_concrete(*trees) -> bool:
+  return not any(isinstance(leaf, _Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def validate_group_inputs(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
+                          fmt: QuantFormat, *, rank: int = 32, lowrank_iters: int = 100,
+                          shifts: Sequence[float] | None = None, name: str = "linear",
+                          batch_dims: int = 0,
+                          check_values: bool = True) -> tuple[list[Array | None], tuple[float, ...]]:
+  """Checks the inputs of :func:`quantize_linear_group`; raises :class:`QuantizationError` naming
+  ``name``.
+
+  Shapes, group divisibility and ranks are always checked; NaN/Inf in ``x_samples`` and the
+  kernels only when the arrays are concrete (under a caller's ``jit``/``vmap`` they are tracers:
+  use :func:`quantize_linear_groups` or call this on the concrete arrays first).
+
+  Returns:
+    ``(biases, shifts)`` normalized to one entry per kernel.
+  """
+  if not kernels:
+    raise QuantizationError(f"{name}: kernels is empty")
+  lead = tuple(np.shape(kernels[0])[:batch_dims])
+  shapes = [tuple(np.shape(w)) for w in kernels]
+  if any(len(s) != 2 + batch_dims or s[:batch_dims] != lead for s in shapes):
+    raise QuantizationError(f"{name}: kernels must be [{'G, ' * batch_dims}K, N] with one leading shape, got {shapes}")
+  k = shapes[0][batch_dims]
+  if any(s[batch_dims] != k for s in shapes):
+    raise QuantizationError(f"{name}: kernels sharing one input must have the same K, got {shapes}")
+  x_shape = tuple(np.shape(x_samples))
+  if len(x_shape) < 2 + batch_dims or x_shape[:batch_dims] != lead or x_shape[-1] != k:
+    raise QuantizationError(f"{name}: x_samples must be [{'G, ' * batch_dims}..., K={k}], got {x_shape}")
+  fmt.check_k(k, f"{name}")
+  if biases is None:
+    biases = [None] * len(kernels)
+  if len(biases) != len(kernels):
+    raise QuantizationError(f"{name}: {len(biases)} biases for {len(kernels)} kernels")
+  for i, (b, s) in enumerate(zip(biases, shapes)):
+    if b is not None and tuple(np.shape(b)) != lead + (s[-1],):
+      raise QuantizationError(f"{name}: bias {i} has shape {np.shape(b)}, expected {lead + (s[-1],)}")
+  shifts = tuple(float(s) for s in (shifts if shifts is not None else [0.0] * len(kernels)))
+  if len(shifts) != len(kernels):
+    raise QuantizationError(f"{name}: {len(shifts)} shifts for {len(kernels)} kernels")
+  if rank < 0 or rank > min(min(k, s[-1]) for s in shapes):
+    raise QuantizationError(f"{name}: rank {rank} must be in [0, min(K, N)] for kernels {shapes}")
+  if rank and lowrank_iters < 1:
+    raise QuantizationError(f"{name}: lowrank_iters must be >= 1 (1 = one-shot SVD), got {lowrank_iters}")
+  if check_values and _is_concrete(x_samples, kernels):
+    if not bool(jnp.all(jnp.isfinite(x_samples))):
+      raise QuantizationError(f"{name}: x_samples contains NaN or Inf")
+    for i, w in enumerate(kernels):
+      if not bool(jnp.all(jnp.isfinite(w))):
+        raise QuantizationError(f"{name}: kernel {i} contains NaN or Inf")
+  return list(biases), shifts
+
+
+def _zero_biases(kernels, biases, batch_dims=0):
+  return [jnp.zeros(np.shape(w)[:batch_dims] + (np.shape(w)[-1],), jnp.float32) if b is None else b
+          for w, b in zip(kernels, biases)]
+
+
+def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
+                          fmt: QuantFormat, rank: int = 32, smooth: bool = True,
+                          grid: Sequence[tuple[float, float]] | None = None, lowrank_iters: int = 100,
+                          early_stop: bool = True, gptq: bool = False, shifts: Sequence[float] | None = None,
+                          loss_fn: Callable | None = None, name: str = "linear", candidate_batch: int = 1,
+                          svd_iters: int | None = None, oversample: int | None = None,
+                          gptq_block_size: int = 128, gptq_damp: float = 0.01, hessian_block_rows: int = 512,
+                          gptq_inputs: Sequence[Array] | None = None, return_info: bool = False):
+  """SVDQuant for the linear layers that read one input (one λ, one branch per kernel).
+
+  Smoothing search over ``grid`` (§1.2) -> per kernel, low-rank branch by alternating refinement
+  (§1.3; ``lowrank_iters=1`` is one-shot SVDQuant) -> optionally GPTQ on each residual (§1.6).
+  Jitted once per shapes and static settings; vmappable over a leading axis of same-shaped groups
+  (see :func:`quantize_linear_groups`).
+
+  Args:
+    kernels: ``[K, N_i]`` kernels sharing the input (e.g. FLUX single block ``to_qkv`` and
+      ``proj_mlp``).
+    biases: ``[N_i]`` biases or ``None`` entries (or ``None``: no biases).
+    x_samples: calibration inputs ``[..., K]`` (tokens of all samples).
+    fmt: quantization format.
+    rank: branch rank r (0: no branch).
+    smooth: search λ over ``grid``; False: λ = 1.
+    grid: (α, β) pairs (default :func:`~svdquant_jax.quant.smooth.alpha_beta_grid` ``(20)``, 39 pairs).
+    lowrank_iters: alternating iterations (deepcompressor: 100 with early stop).
+    early_stop: stop at the first iteration whose loss exceeds the best.
+    gptq: quantize the residuals with GPTQ (Hessian of the smoothed ``x_samples``).
+    shifts: per kernel δ for the default loss (GELU_SHIFT for fc2 inputs, INT4 only).
+    loss_fn: ``loss_fn(candidates: list[SVDQuantWeights | None]) -> scalar``, the squared output
+      error of the enclosing module; a ``None`` entry means that layer stays in full precision.
+      Default: :func:`~svdquant_jax.quant.smooth.linear_output_loss` of these layers. Pass a pytree
+      callable (see :func:`as_traceable_loss`) to keep one compilation across calls.
+    name: layer name for error messages.
+    candidate_batch: smoothing candidates evaluated together (memory vs. parallelism).
+    svd_iters, oversample: low-rank SVD settings (see :func:`~svdquant_jax.quant.lowrank.svd_lowrank`).
+    gptq_block_size, gptq_damp, hessian_block_rows: GPTQ settings (128, 0.01, 512 as deepcompressor).
+    gptq_inputs: per kernel ``[..., K]`` inputs for its GPTQ Hessian, for groups whose layers share λ
+      but read different tensors (FLUX ``to_out`` / ``to_add_out``); default: ``x_samples`` for all.
+    return_info: also return :class:`GroupQuantInfo`.
+
+  Returns:
+    ``list[SVDQuantWeights]`` (one per kernel), and the info if ``return_info``.
+
+  Raises:
+    QuantizationError: bad shapes, K not divisible by the group size, NaN/Inf inputs, or (GPTQ)
+      a Hessian that stays singular after all damping retries, naming ``name``.
+  """
+  from svdquant_jax.quant import lowrank as lowrank_lib
+  from svdquant_jax.quant import smooth as smooth_lib
+
+  biases, shifts = validate_group_inputs(kernels, biases, x_samples, fmt, rank=rank, lowrank_iters=lowrank_iters,
+                                         shifts=shifts, name=name)
+  grid = tuple(tuple(float(v) for v in p) for p in (grid if grid is not None else smooth_lib.alpha_beta_grid()))
+  if gptq_inputs is not None:
+    gptq_inputs = list(gptq_inputs)
+    k = np.shape(kernels[0])[0]
+    if len(gptq_inputs) != len(kernels) or any(np.shape(g)[-1] != k for g in gptq_inputs):
+      raise QuantizationError(f"{name}: gptq_inputs must be one [..., K={k}] array per kernel")
+    if _is_concrete(gptq_inputs) and not all(bool(jnp.all(jnp.isfinite(g))) for g in gptq_inputs):
+      raise QuantizationError(f"{name}: gptq_inputs contains NaN or Inf")
+  layers, info = _quantize_group_core(
+      list(kernels), _zero_biases(kernels, biases), x_samples,
+      None if loss_fn is None else as_traceable_loss(loss_fn), gptq_inputs, fmt=fmt, rank=rank, smooth=smooth,
+      grid=grid, lowrank_iters=lowrank_iters, early_stop=early_stop, gptq=gptq, shifts=shifts,
+      candidate_batch=candidate_batch, svd_iters=svd_iters or lowrank_lib.DEFAULT_SVD_ITERS,
+      oversample=oversample, gptq_block_size=gptq_block_size, gptq_damp=gptq_damp,
+      hessian_block_rows=hessian_block_rows)
+  if gptq and _is_concrete(info):
+    bad = [i for i, ok in enumerate(info.gptq_stable) if not bool(ok)]
+    if bad:
+      raise QuantizationError(f"{name}: GPTQ Hessian not positive definite after damping retries for kernels {bad}")
+  return (layers, info) if return_info else layers
+
+
+def quantize_linear_groups(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
+                           fmt: QuantFormat, names: Sequence[str] | None = None, **kwargs):
+  """:func:`quantize_linear_group` over a leading axis of G same-shaped groups, as one ``vmap``.
+
+  Args:
+    kernels: ``[G, K, N_i]`` per kernel; ``biases``: ``[G, N_i]`` or ``None`` entries.
+    x_samples: ``[G, ..., K]``.
+    names: G layer names for error messages (default ``group_<g>``).
+    **kwargs: as :func:`quantize_linear_group` (``loss_fn`` leaves carry the leading axis too).
+
+  Returns:
+    ``list[SVDQuantWeights]`` whose arrays carry the leading axis G (and the info if requested).
+  """
+  g = np.shape(kernels[0])[0]
+  names = list(names) if names is not None else [f"group_{i}" for i in range(g)]
+  if len(names) != g:
+    raise QuantizationError(f"{len(names)} names for {g} groups")
+  check = {k: kwargs[k] for k in ("rank", "lowrank_iters", "shifts") if k in kwargs}
+  biases, _ = validate_group_inputs(kernels, biases, x_samples, fmt, name=names[0], batch_dims=1,
+                                    check_values=False, **check)
+  if _is_concrete(x_samples, kernels):
+    finite_x = np.asarray(jnp.all(jnp.isfinite(x_samples.reshape(g, -1)), axis=1))
+    finite_w = np.all([np.asarray(jnp.all(jnp.isfinite(w.reshape(g, -1)), axis=1)) for w in kernels], axis=0)
+    for i in range(g):
+      if not finite_x[i]:
+        raise QuantizationError(f"{names[i]}: x_samples contains NaN or Inf")
+      if not finite_w[i]:
+        raise QuantizationError(f"{names[i]}: a kernel contains NaN or Inf")
+  biases = _zero_biases(kernels, biases, batch_dims=1)
+  return_info = kwargs.pop("return_info", False)
+  loss_fn = kwargs.pop("loss_fn", None)
+
+  def one(ks, bs, x, lf):
+    return quantize_linear_group(ks, bs, x, fmt, loss_fn=lf, return_info=True, name=names[0], **kwargs)
+
+  layers, info = jax.vmap(one)(list(kernels), biases, x_samples, loss_fn)
+  if kwargs.get("gptq") and _is_concrete(info):
+    stable = np.all([np.asarray(s) for s in info.gptq_stable], axis=0)
+    for i in range(g):
+      if not stable[i]:
+        raise QuantizationError(f"{names[i]}: GPTQ Hessian not positive definite after damping retries")
+  return (layers, info) if return_info else layers
+
+
+__all__ = [
+    "GELU_SHIFT", "PRECISION", "SVDQuantWeights", "GroupQuantInfo", "plain_weights", "act_shift",
+    "quantized_residual", "effective_bias", "to_lora_down", "fake_forward", "as_traceable_loss",
+    "validate_group_inputs", "quantize_linear_group", "quantize_linear_groups",
+]

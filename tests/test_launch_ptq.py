@@ -1,0 +1,113 @@
+"""The PTQ command end to end on flux-tiny (small settings): results, resume, saved model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from launch import generate as generate_launch
+from launch import ptq as ptq_launch
+from svdquant_jax.quant import ptq, qmodel
+from svdquant_jax.quant.qmodel import QuantizedCheckpointError
+from svdquant_jax.utils.png import read_png
+
+
+def _config(tmp_path, parts="flux-tiny"):
+  c = ptq_launch._config_module().compose(parts)
+  c.output_root = str(tmp_path / "runs")
+  c.pipeline.num_steps = 2
+  c.pipeline.height = c.pipeline.width = 64
+  c.pipeline.batch_size = 2
+  c.eval.num_prompts = 2
+  c.eval.baselines = ("rtn-int4",)
+  c.calib.num_prompts = 2
+  c.calib.num_samples = 4
+  c.calib.batch_size = 4
+  c.quant.smooth.num_grids = 2
+  c.quant.lowrank.num_iters = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("ptq")
+  config = _config(tmp)
+  return tmp, config, ptq_launch.run(config)
+
+
+def test_results_table_and_files(first_run):
+  _, config, results = first_run
+  rows = {r["method"]: r for r in results["rows"]}
+  assert list(rows) == ["svdq-int4", "rtn-int4"]
+  svdq, rtn = rows["svdq-int4"], rows["rtn-int4"]
+  # SVDQuant's last-block error on the calibration samples is well below RTN W4A4's.
+  assert svdq["final_block_error"] < 0.8 * rtn["final_block_error"], (svdq, rtn)
+  for r in (svdq, rtn):
+    assert np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1
+    assert len(r["block_errors"]) == 2  # flux-tiny: one double and one single block
+  assert svdq["weight_mb"] > rtn["weight_mb"]  # the low-rank branch costs bytes
+  root = os.path.dirname(results["reference"])
+  with open(os.path.join(root, "results.json")) as f:
+    assert json.load(f)["rows"][0]["method"] == "svdq-int4"
+  with open(os.path.join(root, "results.md")) as f:
+    table = f.read()
+  assert "| svdq-int4 | int4 | 32 |" in table and "| rtn-int4 |" in table
+
+
+def test_rerun_reuses_every_step(first_run, monkeypatch):
+  tmp, config, results = first_run
+
+  def fail(*a, **k):
+    raise AssertionError("a finished block was quantized again")
+
+  monkeypatch.setattr(ptq, "quantize_block", fail)
+  again = ptq_launch.run(config)
+  for a, b in zip(results["rows"], again["rows"]):
+    assert a["psnr"] == b["psnr"] and a["final_block_error"] == b["final_block_error"]
+
+
+def test_saved_model_regenerates_the_same_images(first_run, tmp_path):
+  _, config, results = first_run
+  root = os.path.dirname(results["reference"])
+  model_dir = os.path.join(root, "svdq-int4", "model")
+  c = _generate_config()
+  c.model = "flux-tiny"
+  c.quantized_model = model_dir
+  c.output_dir = str(tmp_path / "gen")
+  c.num_steps, c.height, c.width, c.batch_size = 2, 64, 64, 2
+  c.seed = config.seed
+  c.num_prompts = 2
+  c.progress = False
+  generate_launch.run(c)
+  samples = os.path.join(root, "svdq-int4", "samples")
+  for i in range(2):
+    np.testing.assert_array_equal(read_png(os.path.join(c.output_dir, generate_launch.image_file(i))),
+                                  read_png(os.path.join(samples, generate_launch.image_file(i))))
+
+
+def test_saved_model_refuses_another_model(first_run):
+  _, _, results = first_run
+  from svdquant_jax.pipelines.loading import load_pipeline
+  from svdquant_jax.quant.adapters import adapter_for
+  from svdquant_jax.quant.collect import pipeline_family
+  pixart = load_pipeline("pixart-tiny")
+  adapter = adapter_for(pipeline_family(pixart), pixart.transformer_config)
+  model_dir = os.path.join(os.path.dirname(results["reference"]), "svdq-int4", "model")
+  with pytest.raises(QuantizedCheckpointError, match="family"):
+    qmodel.load_for_model(model_dir, adapter)
+
+
+def test_unknown_output_dirname_is_an_error(tmp_path):
+  c = _config(tmp_path)
+  c.output_dirname = "bogus"
+  with pytest.raises(ValueError, match="output_dirname"):
+    ptq_launch.run(c)
+
+
+def _generate_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("gen_cfg", os.path.join(ptq_launch._REPO, "configs", "generate.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
