@@ -30,22 +30,27 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
-from absl import app, logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from launch.generate import GENERATION_JSON, GenerationSettings, generate_images, image_file  # noqa: E402
 from svdquant_jax.eval import metrics  # noqa: E402
 from svdquant_jax.pipelines import prompts as prompts_lib  # noqa: E402
+from svdquant_jax.pipelines.generation import GENERATION_JSON, GenerationSettings, generate_images, image_file  # noqa: E402,E501
 from svdquant_jax.pipelines.loading import load_pipeline  # noqa: E402
 from svdquant_jax.quant import collect, ptq, qmodel  # noqa: E402
 from svdquant_jax.quant.adapters import adapter_for  # noqa: E402
 from svdquant_jax.utils.files import atomic_write_text  # noqa: E402
 from svdquant_jax.utils.png import read_png  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "ptq.py"),
-                                          "PTQ settings (configs/ptq.py:<parts>).", lock_config=True)
+
+
+def define_flags() -> None:
+  """Defines ``--config`` (once per process; the entry point and tests call it)."""
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "ptq.py"),
+                                    "PTQ settings (configs/ptq.py:<parts>).", lock_config=True)
 
 
 def _config_module():
@@ -222,8 +227,9 @@ def run(config: Any) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {list(argv[1:])}; settings go through --config.<field>=...")
-  run(_CONFIG.value)
+  run(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

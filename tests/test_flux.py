@@ -18,6 +18,7 @@ from svdquant_jax.models.flux import (FLUX_PRESETS, FluxConfig, FluxDoubleBlock,
                                       FluxTransformer2DModel, abstract_flux_params, flux_rope, init_flux_params)
 from svdquant_jax.models.flux_loader import flux_mapping, load_flux_transformer
 from svdquant_jax.utils.safetensors_io import CheckpointError
+from svdquant_jax.eval.metrics import relative_error
 
 _DIFFUSERS_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                    "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
@@ -38,11 +39,6 @@ def _full_fp32_matmuls():
   """fp32 matmuls at full precision also on a GPU (where the default may use TF32); no-op on CPU."""
   with jax.default_matmul_precision("highest"):
     yield
-
-
-def _rel_l2(ours, ref) -> float:
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -136,7 +132,7 @@ def test_matches_diffusers_fp32(saved, case):
   assert config.axes_dims_rope == tuple(_CASES[case]["config"]["axes_dims_rope"])
   out = _forward(config, params, inputs)
   assert out.shape == ref.shape == (_BATCH, _GRID[0] * _GRID[1], config.out_features)
-  err = _rel_l2(out, ref)
+  err = relative_error(out, ref)
   print(f"{case}: relative L2 vs diffusers fp32 = {err:.2e}")
   assert err <= 1e-5, err
 
@@ -152,7 +148,7 @@ def test_bf16_run_close_to_fp32_run_and_to_diffusers_bf16(saved, guided_fp32):
            "guidance": np.array([4.0, 1.0], np.float32)}
   out16 = _forward(config16, params16, exact)
   assert out16.dtype == jnp.bfloat16
-  err = _rel_l2(out16, _forward(config32, params32, exact))
+  err = relative_error(out16, _forward(config32, params32, exact))
   print(f"bf16 vs fp32 relative L2 = {err:.2e}")
   # Measured 1.1e-2: bf16 keeps 8 significant bits (unit roundoff 3.9e-3) and weights, activations
   # and every layer output are rounded through 4 blocks (~1e-2 per the per-block errors). Bound:
@@ -162,7 +158,7 @@ def test_bf16_run_close_to_fp32_run_and_to_diffusers_bf16(saved, guided_fp32):
   # With t = 0.3, 0.85 and guidance 3.5, bf16 rounds t*1000 to 300, 852 and 3504 in diffusers;
   # the high-frequency sinusoids see it (bf16 vs fp32 differs by ~0.14 here). Our bf16 run must
   # round likewise: vs diffusers' bf16 run it is measured at 1.1e-2, vs 0.25 without the rounding.
-  err = _rel_l2(_forward(config16, params16, saved["guided"]["inputs"]), saved["guided"]["ref_bf16"])
+  err = relative_error(_forward(config16, params16, saved["guided"]["inputs"]), saved["guided"]["ref_bf16"])
   print(f"bf16 vs diffusers bf16 relative L2 = {err:.2e}")
   assert err < 2e-2, err
 
@@ -194,7 +190,7 @@ def test_blockwise_replay_reproduces_call(saved, guided_fp32):
   np.testing.assert_array_equal(np.asarray(replay), full)
   # One compiled program per block (as calibration runs it): XLA fuses differently across the
   # program boundaries (e.g. where the RoPE tables and adaLN inputs are computed), measured 1e-7.
-  err = _rel_l2(_replay(config, params, inputs, jit_each=True), full)
+  err = relative_error(_replay(config, params, inputs, jit_each=True), full)
   print(f"per-block jit replay vs __call__ relative L2 = {err:.2e}")
   assert err < 1e-6, err
 

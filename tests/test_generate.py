@@ -25,6 +25,7 @@ def _run_main(out_dir, *overrides: str) -> dict:
   argv = ["generate", f"--config={generate.DEFAULT_CONFIG}", f"--config.output_dir={out_dir}",
           f"--config.num_steps={STEPS}", f"--config.height={SIZE}", f"--config.width={SIZE}",
           "--config.progress=false", *overrides]
+  generate.define_flags()
   with mock.patch.object(sys, "argv", argv):  # ml_collections reads the --config.<field> overrides from sys.argv
     flags.FLAGS(argv)
     generate.main(["generate"])

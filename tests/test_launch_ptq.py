@@ -45,7 +45,8 @@ def test_results_table_and_files(first_run):
   assert svdq["final_block_error"] < 0.8 * rtn["final_block_error"], (svdq, rtn)
   for r in (svdq, rtn):
     assert np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1
-    assert len(r["block_errors"]) == 2  # flux-tiny: one double and one single block
+    assert [name for name, _ in r["block_errors"]] == [  # flux-tiny: two double and two single blocks
+        "transformer_blocks_0", "transformer_blocks_1", "single_transformer_blocks_0", "single_transformer_blocks_1"]
   assert svdq["weight_mb"] > rtn["weight_mb"]  # the low-rank branch costs bytes
   root = os.path.dirname(results["reference"])
   with open(os.path.join(root, "results.json")) as f:
@@ -111,3 +112,18 @@ def _generate_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def test_ptq_benchmark_runs_at_small_shapes():
+  from launch import benchmark_ptq
+  settings = ptq.PTQSettings(num_grids=2, lowrank_iters=2, batch_size=2, candidate_batch=3)
+  result = benchmark_ptq.run_benchmark("flux-tiny", settings, samples=2, img_tokens=16, txt_tokens=8,
+                                       dtype="float32")
+  rows = {r["kind"]: r for r in result["rows"]}
+  # 7 W4A4 groups (8 linears) + 2 adaLN in a double block; 3 linears + 1 adaLN in a single block.
+  assert rows["flux_double"]["layers"] == 10 and rows["flux_single"]["layers"] == 5
+  assert rows["flux_double"]["count"] == 2 and rows["flux_single"]["count"] == 2  # flux-tiny's blocks
+  for r in rows.values():
+    assert r["first_s"] > 0 and r["steady_s"] > 0
+  assert result["model_estimate_s"] >= sum(r["first_s"] for r in rows.values())
+  assert "whole model" in benchmark_ptq.format_table(result)

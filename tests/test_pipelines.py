@@ -26,6 +26,7 @@ from svdquant_jax.pipelines.flux import FluxPipeline, PipelineInputError, pack_l
 from svdquant_jax.pipelines.pixart import PixArtSigmaPipeline
 from svdquant_jax.quant.taps import apply_with_taps
 from svdquant_jax.utils.safetensors_io import CheckpointError
+from svdquant_jax.eval.metrics import relative_error
 
 # Measured relative L2 errors on CPU (jax 0.10.2 / torch 2.13, fp32, 2 steps): FLUX dev-like latents 9.2e-7,
 # images 6.4e-7; schnell-like 3.7e-7 / 4.5e-7; PixArt CFG 1.5e-6 / 9.2e-7. The bound is the task's 1e-4.
@@ -41,11 +42,6 @@ PIXART_PROMPTS = ["  A Red CUBE on a Table ", "a photo of an astronaut riding a 
 def _full_fp32_matmuls():
   with jax.default_matmul_precision("highest"):
     yield
-
-
-def _rel_l2(ours, ref) -> float:
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -145,13 +141,13 @@ def test_flux_matches_diffusers(case, flux_cases, caplog):
                    latents=c["latents"], max_sequence_length=T5_LENGTH, output_type="latent", progress=False)
   # The second prompt is longer than the T5 length: truncated, with a warning naming prompt 1.
   assert any("prompt 1" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
-  err = _rel_l2(latents, c["ref_latents"])
+  err = relative_error(latents, c["ref_latents"])
   assert err <= PARITY_RTOL, err
   images = np.clip(np.asarray(pipe.decode(latents, HEIGHT, WIDTH)) * 0.5 + 0.5, 0, 1)
-  err_images = _rel_l2(images, c["ref_images"])
+  err_images = relative_error(images, c["ref_images"])
   print(f"FLUX {case}: latents rel L2 {err:.2e}, images {err_images:.2e}")
   assert err_images <= PARITY_RTOL, err_images
-  assert _rel_l2(c["ref_latents"], c["latents"]) > 0.1  # the denoising did move the latents
+  assert relative_error(c["ref_latents"], c["latents"]) > 0.1  # the denoising did move the latents
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +183,10 @@ def test_pixart_cfg_with_padding_mask_matches_diffusers(pixart_case):
   latents = pipe(PIXART_PROMPTS, height=HEIGHT, width=WIDTH, num_steps=STEPS, guidance=4.5, latents=c["latents"],
                  max_sequence_length=T5_LENGTH, output_type="latent", progress=False,
                  on_step=lambda i, inputs, output, branch: calls.append((i, inputs, branch)))
-  err = _rel_l2(latents, c["ref_latents"])
+  err = relative_error(latents, c["ref_latents"])
   assert err <= PARITY_RTOL, err
   images = np.clip(np.asarray(pipe.decode(latents)) * 0.5 + 0.5, 0, 1)
-  err_images = _rel_l2(images, c["ref_images"])
+  err_images = relative_error(images, c["ref_images"])
   print(f"PixArt CFG: latents rel L2 {err:.2e}, images {err_images:.2e}")
   assert err_images <= PARITY_RTOL, err_images
   # CFG: one batched [uncond; cond] call per step; the first prompt is padded, the empty prompt is one token.
@@ -221,7 +217,7 @@ def test_flux_hooks_record_and_replace_the_transformer(flux_cases, flux_dev):
   # A replacement transformer is used: zero velocity leaves the noise unchanged.
   unchanged = pipe(FLUX_PROMPTS, transformer_fn=_zero_velocity, **kwargs)
   np.testing.assert_array_equal(np.asarray(unchanged), c["latents"])
-  assert _rel_l2(out, c["latents"]) > 0.1
+  assert relative_error(out, c["latents"]) > 0.1
 
 
 def _zero_velocity(params, *, hidden_states, **unused):

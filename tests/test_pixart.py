@@ -17,6 +17,7 @@ from svdquant_jax.models.pixart import (PIXART_PRESETS, PixArtBlock, PixArtConfi
                                         abstract_pixart_params, init_pixart_params)
 from svdquant_jax.models.pixart_loader import load_pixart_transformer, pixart_mapping
 from svdquant_jax.utils.safetensors_io import CheckpointError, TensorStore, save_safetensors
+from svdquant_jax.eval.metrics import relative_error
 
 # Tiny diffusers configs: 2 heads x 24 = 48 wide (divisible by 3 for the size embeddings and
 # by 4 for the sin-cos position embedding), 2 blocks, a 4x4 patch grid at sample_size.
@@ -102,11 +103,6 @@ def _reference(model, latents, captions, timestep, mask, added=None) -> np.ndarr
   return out.numpy().transpose(0, 2, 3, 1)
 
 
-def _rel_l2(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def _ours(apply, params, latents, captions, timestep, mask, added=None) -> np.ndarray:
   with jax.default_matmul_precision("highest"):
     return np.asarray(apply({"params": params}, latents, captions, timestep, added, mask))
@@ -120,12 +116,12 @@ def test_matches_diffusers_with_padding_mask(plain):
   want = _reference(model, latents, captions, timestep, mask)
   got = _ours(apply, params, latents, captions, timestep, mask)
   assert got.shape == (2, 8, 8, 8)
-  assert _rel_l2(got, want) <= PARITY_RTOL
+  assert relative_error(got, want) <= PARITY_RTOL
   # The mask matters: unmasked padding tokens change item 0 (item 1 has no padding).
   ones = np.ones_like(mask)
   unmasked = _ours(apply, params, latents, captions, timestep, ones)
-  assert _rel_l2(unmasked, _reference(model, latents, captions, timestep, ones)) <= PARITY_RTOL
-  assert _rel_l2(unmasked[0], want[0]) > 1e-3
+  assert relative_error(unmasked, _reference(model, latents, captions, timestep, ones)) <= PARITY_RTOL
+  assert relative_error(unmasked[0], want[0]) > 1e-3
   # The padded tokens' values are ignored.
   noisy = captions.copy()
   noisy[0, 3:] = 100.0
@@ -137,8 +133,8 @@ def test_matches_diffusers_with_padding_mask(plain):
   empty = mask.copy()
   empty[0] = 0
   got_empty = _ours(apply, params, latents, captions, timestep, empty)
-  assert _rel_l2(got_empty[0], unmasked[0]) <= 1e-6
-  assert _rel_l2(got_empty[0], _reference(model, latents, captions, timestep, empty)[0]) <= 2e-4
+  assert relative_error(got_empty[0], unmasked[0]) <= 1e-6
+  assert relative_error(got_empty[0], _reference(model, latents, captions, timestep, empty)[0]) <= 2e-4
 
 
 def test_matches_diffusers_non_square_other_resolution(plain):
@@ -148,7 +144,7 @@ def test_matches_diffusers_non_square_other_resolution(plain):
   want = _reference(model, latents, captions, timestep, mask)
   got = _ours(apply, params, latents, captions, timestep, mask)
   assert got.shape == (2, 12, 6, 8)
-  assert _rel_l2(got, want) <= PARITY_RTOL
+  assert relative_error(got, want) <= PARITY_RTOL
 
 
 def test_matches_diffusers_with_additional_conditions(conditioned):
@@ -159,10 +155,10 @@ def test_matches_diffusers_with_additional_conditions(conditioned):
            "aspect_ratio": np.array([[2.0], [1.0]], np.float32)}
   want = _reference(model, latents, captions, timestep, mask, added)
   got = _ours(apply, params, latents, captions, timestep, mask, added)
-  assert _rel_l2(got, want) <= PARITY_RTOL
+  assert relative_error(got, want) <= PARITY_RTOL
   # The conditions are used.
   other = dict(added, aspect_ratio=np.array([[0.5], [1.0]], np.float32))
-  assert _rel_l2(_ours(apply, params, latents, captions, timestep, mask, other)[0], want[0]) > 1e-3
+  assert relative_error(_ours(apply, params, latents, captions, timestep, mask, other)[0], want[0]) > 1e-3
   with pytest.raises(ValueError, match="added_cond_kwargs"):
     _ours(apply, params, latents, captions, timestep, mask, None)
 
@@ -177,7 +173,7 @@ def test_fp16_run_close_to_fp32(plain):
                                                            None, mask)
   assert got16.dtype == jnp.float16
   want32 = _ours(apply32, params32, latents, captions, timestep, mask)
-  err = _rel_l2(got16, want32)
+  err = relative_error(got16, want32)
   print(f"fp16 vs fp32 relative L2 error: {err:.3e}")
   assert np.isfinite(np.asarray(got16, np.float32)).all()
   assert err <= FP16_RTOL

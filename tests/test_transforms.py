@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from svdquant_jax.quant import gptq, lowrank, quantizers as qz, smooth, svdquant as sq
+from svdquant_jax.eval.metrics import relative_error
 
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
@@ -34,11 +35,6 @@ _fake_forward = jax.jit(sq.fake_forward, static_argnums=(2, 3))
 _call = jax.jit(lambda fn, arg: fn(arg))  # a pytree callable applied to a pytree, compiled once
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
 # ----------------------------------------------------------------------------- canonical forward
 @pytest.mark.parametrize("fmt,shift", [(qz.INT4, 0.0), (qz.INT4, qz.GELU_SHIFT), (qz.NVFP4, qz.GELU_SHIFT),
                                        (qz.W4A16_INT4, 0.0), (qz.W8A8, 0.0)], ids=str)
@@ -62,7 +58,7 @@ def test_fake_forward_is_the_canonical_formula(fmt, shift):
   qw = np.asarray(qz.fake_quant_weight(w.residual, fmt), np.float64)
   ref = (qa @ qw + (x_hat @ np.asarray(w.lora_a, np.float64)) @ np.asarray(w.lora_b, np.float64)
          + np.asarray(w.bias, np.float64) - delta * qw.sum(axis=0))
-  assert _rel(y, ref) < 1e-6
+  assert relative_error(y, ref) < 1e-6
   if delta:  # the shifted activations really use the unsigned [0, 15] quantizer
     codes, _ = qz.quantize_int4_act(jnp.asarray((x_hat + delta).astype(np.float32)), 64, unsigned=True)
     assert int(codes.min()) == 0 and int(codes.max()) == 15
@@ -295,8 +291,8 @@ def test_gptq_matches_float64_numpy(fmt):
                                 np.asarray(rtn.scales.astype(jnp.float32)))
   # GPTQ lowers the output error on these correlated inputs
   y = x_hat @ np.asarray(w, np.float64)
-  err_gptq = _rel(x_hat @ np.asarray(qz.dequantize_weight(res.qweight, fmt), np.float64), y)
-  err_rtn = _rel(x_hat @ np.asarray(qz.dequantize_weight(rtn, fmt), np.float64), y)
+  err_gptq = relative_error(x_hat @ np.asarray(qz.dequantize_weight(res.qweight, fmt), np.float64), y)
+  err_rtn = relative_error(x_hat @ np.asarray(qz.dequantize_weight(rtn, fmt), np.float64), y)
   assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
 
 
@@ -344,11 +340,11 @@ def test_quantize_linear_group_vmap_matches_loop():
                                    rtol=1e-4, atol=1e-4 * float(jnp.abs(getattr(layer, field)).max()) + 1e-12)
       assert np.mean(np.asarray(got.residual_q.codes) == np.asarray(layer.residual_q.codes)) > 0.999
   # the pipeline works: each stage improves the first group's output error
-  x, (w_qkv, w_mlp) = xs[0], (stacked[0][0], stacked[1][0])
+  x, w_qkv = xs[0], stacked[0][0]
   layers = looped[0][0]
   y = np.asarray(x, np.float64) @ np.asarray(w_qkv, np.float64) + np.asarray(biases[0])
-  err_svdq = _rel(_fake_forward(x, layers[0], qz.INT4, 0.0), y)
-  err_rtn = _rel(_fake_forward(x, sq.plain_weights(w_qkv, biases[0]), qz.INT4, 0.0), y)
+  err_svdq = relative_error(_fake_forward(x, layers[0], qz.INT4, 0.0), y)
+  err_rtn = relative_error(_fake_forward(x, sq.plain_weights(w_qkv, biases[0]), qz.INT4, 0.0), y)
   assert err_svdq < 0.5 * err_rtn, (err_svdq, err_rtn)
 
 

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from svdquant_jax.models import checkpoint
 from svdquant_jax.models import vae
 from svdquant_jax.utils.safetensors_io import CheckpointError
+from svdquant_jax.eval.metrics import relative_error
 
 PARITY_TOL = 1e-5
 # bf16 (params and activations) decode vs our fp32 decode, relative L2, on the FLUX-like tiny model
@@ -32,11 +33,6 @@ PIXART_LIKE = dict(
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
     block_out_channels=[8, 16, 24, 24], layers_per_block=2, latent_channels=4, norm_num_groups=4,
     sample_size=64, scaling_factor=0.13025, use_quant_conv=True, use_post_quant_conv=True)
-
-
-def _rel(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def _nchw(x):
@@ -101,7 +97,7 @@ def test_decode_matches_diffusers(case_name, request):
   with torch.no_grad():
     ref = _nhwc(case.torch_model.decode(_nchw(z)).sample)
   assert ours.shape == ref.shape == (2, 24, 40, 3)
-  assert _rel(ours, ref) <= PARITY_TOL
+  assert relative_error(ours, ref) <= PARITY_TOL
 
 
 @pytest.mark.parametrize("case_name", ["flux_like", "pixart_like"])
@@ -113,8 +109,8 @@ def test_encode_matches_diffusers(case_name, request):
     dist = case.torch_model.encode(_nchw(x)).latent_dist
   ref_mean, ref_logvar = _nhwc(dist.mean), _nhwc(dist.logvar)
   assert mean.shape == logvar.shape == ref_mean.shape == (2, 3, 5, case.config.latent_channels)
-  assert _rel(mean, ref_mean) <= PARITY_TOL
-  assert _rel(logvar, ref_logvar) <= PARITY_TOL
+  assert relative_error(mean, ref_mean) <= PARITY_TOL
+  assert relative_error(logvar, ref_logvar) <= PARITY_TOL
 
 
 def test_encode_clamps_logvar_as_diffusers(pixart_like):
@@ -139,8 +135,8 @@ def test_encode_clamps_logvar_as_diffusers(pixart_like):
       bias.copy_(original)
   logvar = np.asarray(logvar)
   assert np.all(logvar[..., :2] == 20.0) and np.all(logvar[..., 2:] == -30.0)
-  assert _rel(logvar, _nhwc(dist.logvar)) <= PARITY_TOL
-  assert _rel(mean, _nhwc(dist.mean)) <= PARITY_TOL
+  assert relative_error(logvar, _nhwc(dist.logvar)) <= PARITY_TOL
+  assert relative_error(mean, _nhwc(dist.mean)) <= PARITY_TOL
 
 
 def test_decode_without_mid_attention_matches_diffusers(tmp_path):
@@ -154,7 +150,7 @@ def test_decode_without_mid_attention_matches_diffusers(tmp_path):
   ours = jax.jit(lambda p, z: model.apply({"params": p}, z, method=vae.AutoencoderKL.decode))(params, z)
   with torch.no_grad():
     ref = _nhwc(torch_model.decode(_nchw(z)).sample)
-  assert _rel(ours, ref) <= PARITY_TOL
+  assert relative_error(ours, ref) <= PARITY_TOL
 
 
 def test_bf16_decode_close_to_fp32(flux_like):
@@ -165,12 +161,12 @@ def test_bf16_decode_close_to_fp32(flux_like):
   model = vae.AutoencoderKL(config)
   out = jax.jit(lambda p, z: model.apply({"params": p}, z, method=vae.AutoencoderKL.decode))(params, z)
   assert out.dtype == jnp.bfloat16
-  err = _rel(out.astype(jnp.float32), flux_like.decode(flux_like.params, z))
+  err = relative_error(out.astype(jnp.float32), flux_like.decode(flux_like.params, z))
   torch_bf16 = copy.deepcopy(flux_like.torch_model).to(torch.bfloat16)
   with torch.no_grad():
     ref_bf16 = torch_bf16.decode(_nchw(z).to(torch.bfloat16)).sample.float()
     ref_fp32 = flux_like.torch_model.decode(_nchw(z)).sample
-  diffusers_err = _rel(_nhwc(ref_bf16), _nhwc(ref_fp32))
+  diffusers_err = relative_error(_nhwc(ref_bf16), _nhwc(ref_fp32))
   assert 0 < err <= BF16_TOL, err
   assert err <= BF16_TOL_VS_DIFFUSERS * diffusers_err, (err, diffusers_err)
 

@@ -15,7 +15,6 @@ unexpected or misshaped tensor is reported by name in one :class:`CheckpointErro
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svdquant_jax.utils.files import read_json
 from svdquant_jax.utils.safetensors_io import CheckpointError, TensorStore
 
 Convert = Callable[[Sequence[np.ndarray]], np.ndarray]
@@ -291,14 +291,8 @@ def read_config(folder: str | os.PathLike, expected_classes: Sequence[str] = (),
   folder = os.fspath(folder)
   if not os.path.isdir(folder):
     raise CheckpointError(f"component folder not found: {folder}")
-  path = os.path.join(folder, filename)
-  if not os.path.isfile(path):
-    raise CheckpointError(f"{folder}: no {filename}; is this a diffusers/transformers component folder?")
-  with open(path) as f:
-    try:
-      cfg = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+  cfg = read_json(os.path.join(folder, filename), CheckpointError,
+                  f"{folder}: no {filename}; is this a diffusers/transformers component folder?")
   if expected_classes:
     names = [cfg.get("_class_name")] + list(cfg.get("architectures") or [])
     names = [n for n in names if n]

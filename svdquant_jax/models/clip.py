@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.models import checkpoint as ckpt
+from svdquant_jax.models.layers import as_float_dtype
 
 Array = jax.Array
 Dtype = Any
@@ -48,17 +49,6 @@ DEFAULT_DTYPE = jnp.float16  # design notes: CLIP runs in fp16, as the original 
 # transformers >= 5 saves CLIPTextModel without the "text_model." prefix that older checkpoints
 # (including FLUX.1's text_encoder) have; both layouts load.
 LEGACY_PREFIX = "text_model."
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _float_dtype(value: Any, name: str) -> jnp.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError as e:
-    raise ValueError(f"{name}={value!r} is not a dtype") from e
-  if dtype not in _FLOAT_DTYPES:
-    raise ValueError(f"{name}={dtype} is not supported; expected float32, bfloat16 or float16")
-  return dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +96,8 @@ class CLIPTextConfig:
       raise ValueError(f"CLIPTextConfig.eos_token_id must be one integer, got {self.eos_token_id!r}")
     if not self.layer_norm_eps > 0:
       raise ValueError(f"CLIPTextConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-    object.__setattr__(self, "dtype", _float_dtype(self.dtype, "CLIPTextConfig.dtype"))
-    object.__setattr__(self, "param_dtype", _float_dtype(self.param_dtype, "CLIPTextConfig.param_dtype"))
+    object.__setattr__(self, "dtype", as_float_dtype(self.dtype, "CLIPTextConfig.dtype"))
+    object.__setattr__(self, "param_dtype", as_float_dtype(self.param_dtype, "CLIPTextConfig.param_dtype"))
 
   @property
   def head_dim(self) -> int:

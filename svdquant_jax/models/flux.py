@@ -30,30 +30,15 @@ import numpy as np
 from svdquant_jax.models import checkpoint
 from svdquant_jax.models.layers import (ATTENTION_IMPLEMENTATIONS, RMSNorm, TimestepMLP, attention, gelu_tanh,
                                         layer_norm, timestep_embedding)
+from svdquant_jax.models.layers import as_float_dtype as as_dtype
 
 Array = jax.Array
 RotaryEmbedding = tuple[Array, Array]
 
-_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-                "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _ROPE_THETA = 10000.0
 _NORM_EPS = 1e-6
 TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep / guidance embedding
 _MLP_RATIO = 4
-
-
-def as_dtype(value: Any, name: str = "dtype") -> jnp.dtype:
-  """``"bf16"`` / ``"bfloat16"`` / ``jnp.bfloat16`` / ... -> a supported floating ``jnp.dtype``."""
-  if isinstance(value, str):
-    value = _DTYPE_NAMES.get(value.lower(), value)
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError as e:
-    raise ValueError(f"{name}={value!r} is not a dtype") from e
-  if dtype not in _SUPPORTED_DTYPES:
-    raise ValueError(f"{name}={value!r}: expected one of float32, bfloat16, float16")
-  return dtype
 
 
 # ----------------------------------------------------------------------------- config

@@ -10,6 +10,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def as_float_dtype(value: Any, name: str = "dtype") -> jnp.dtype:
+  """``"bf16"`` / ``"bfloat16"`` / ``jnp.bfloat16`` / ... -> one of the supported model dtypes
+  (float32, bfloat16, float16), or a ``ValueError`` naming ``name``."""
+  if isinstance(value, str):
+    value = _DTYPE_NAMES.get(value.lower(), value)
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(f"{name}={value!r} is not a dtype") from e
+  if dtype not in SUPPORTED_DTYPES:
+    raise ValueError(f"{name}={value!r} is not supported; expected float32, bfloat16 or float16")
+  return dtype
+
 Array = jax.Array
 Dtype = Any
 

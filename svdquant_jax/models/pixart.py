@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.models import checkpoint
-from svdquant_jax.models.layers import (ATTENTION_IMPLEMENTATIONS, TimestepMLP, attention, gelu_tanh,
+from svdquant_jax.models.layers import (ATTENTION_IMPLEMENTATIONS, TimestepMLP, as_float_dtype, attention, gelu_tanh,
                                         layer_norm, timestep_embedding)
 
 Array = jax.Array
@@ -90,10 +90,7 @@ class PixArtConfig:
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):   # canonical numpy dtypes: equal configs compare equal
-      try:
-        object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
-      except TypeError as e:
-        raise ValueError(f"PixArtConfig.{name} is not a dtype: {getattr(self, name)!r}") from e
+      object.__setattr__(self, name, as_float_dtype(getattr(self, name), f"PixArtConfig.{name}"))
     for name in ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers",
                  "cross_attention_dim", "sample_size", "patch_size", "caption_channels"):
       value = getattr(self, name)

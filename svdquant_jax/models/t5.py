@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.models import checkpoint as ckpt
-from svdquant_jax.models.layers import RMSNorm, gelu_tanh
+from svdquant_jax.models.layers import RMSNorm, as_float_dtype, gelu_tanh
 from svdquant_jax.utils.safetensors_io import CheckpointError
 
 Array = jax.Array
@@ -55,20 +55,9 @@ Dtype = Any
 T5_CLASS_NAMES = ("T5EncoderModel",)
 FEED_FORWARD_PROJ = ("gated-gelu", "relu")
 DEFAULT_DTYPE = jnp.bfloat16  # design notes: T5 runs in bf16, as the original FLUX/PixArt pipelines.
-_HALF_AND_FULL = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 SHARED_EMBEDDING = "shared.weight"
 ENCODER_EMBEDDING = "encoder.embed_tokens.weight"
-
-
-def _float_dtype(value: Any, name: str) -> jnp.dtype:
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError as e:
-    raise ValueError(f"{name}={value!r} is not a dtype") from e
-  if dtype not in _HALF_AND_FULL:
-    raise ValueError(f"{name}={dtype} is not supported; expected float32, bfloat16 or float16")
-  return dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +108,8 @@ class T5Config:
                        f"{self.relative_attention_num_buckets} and {self.relative_attention_max_distance}")
     if not self.layer_norm_epsilon > 0:
       raise ValueError(f"T5Config.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
-    object.__setattr__(self, "dtype", _float_dtype(self.dtype, "T5Config.dtype"))
-    object.__setattr__(self, "param_dtype", _float_dtype(self.param_dtype, "T5Config.param_dtype"))
+    object.__setattr__(self, "dtype", as_float_dtype(self.dtype, "T5Config.dtype"))
+    object.__setattr__(self, "param_dtype", as_float_dtype(self.param_dtype, "T5Config.param_dtype"))
 
   @property
   def inner_dim(self) -> int:

@@ -45,7 +45,7 @@ import numpy as np
 
 from svdquant_jax.models import checkpoint
 from svdquant_jax.models.checkpoint import Rule
-from svdquant_jax.models.layers import ATTENTION_IMPLEMENTATIONS, attention
+from svdquant_jax.models.layers import ATTENTION_IMPLEMENTATIONS, as_float_dtype, attention
 from svdquant_jax.utils.safetensors_io import CheckpointError
 
 Array = jax.Array
@@ -56,20 +56,6 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps t
 DOWN_BLOCK_TYPE = "DownEncoderBlock2D"
 UP_BLOCK_TYPE = "UpDecoderBlock2D"
 _ACTIVATIONS = ("silu", "swish")
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _as_dtype(value: Any, name: str) -> jnp.dtype:
-  """A floating dtype from a jnp dtype or a name (``"bfloat16"``, ``"bf16"``, ...)."""
-  if isinstance(value, str):
-    value = _DTYPE_ALIASES.get(value, value)
-  try:
-    dtype = jnp.dtype(value)
-  except TypeError as e:
-    raise ValueError(f"{name}={value!r} is not a dtype") from e
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{name}={value!r} is not a floating-point dtype")
-  return dtype
 
 
 # ----------------------------------------------------------------------------- config
@@ -114,8 +100,8 @@ class VAEConfig:
         set_(name, tuple(float(v) for v in getattr(self, name)))
     if isinstance(self.sample_size, (list, tuple)):
       set_("sample_size", tuple(int(s) for s in self.sample_size))
-    set_("dtype", _as_dtype(self.dtype, "dtype"))
-    set_("param_dtype", _as_dtype(self.param_dtype, "param_dtype"))
+    set_("dtype", as_float_dtype(self.dtype, "dtype"))
+    set_("param_dtype", as_float_dtype(self.param_dtype, "param_dtype"))
 
     n = len(self.block_out_channels)
     if n == 0 or any(int(c) <= 0 for c in self.block_out_channels):

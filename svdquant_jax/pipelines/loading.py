@@ -57,7 +57,7 @@ from svdquant_jax.models.vae import VAEConfig, abstract_vae_params, load_vae, va
 from svdquant_jax.pipelines import schedulers
 from svdquant_jax.pipelines.flux import FluxPipeline
 from svdquant_jax.pipelines.pixart import PixArtSigmaPipeline
-from svdquant_jax.utils.files import atomic_directory, atomic_write_text
+from svdquant_jax.utils.files import atomic_directory, atomic_write_text, read_json
 from svdquant_jax.utils.safetensors_io import CheckpointError, save_safetensors
 
 Pipeline = FluxPipeline | PixArtSigmaPipeline
@@ -114,13 +114,7 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
   if not os.path.isdir(folder):
     raise CheckpointError(f"pipeline folder not found: {folder}")
   path = os.path.join(folder, MODEL_INDEX)
-  if not os.path.isfile(path):
-    raise CheckpointError(f"{folder}: no {MODEL_INDEX}; not a diffusers pipeline folder")
-  try:
-    with open(path, encoding="utf-8") as f:
-      index = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+  index = read_json(path, CheckpointError, f"{folder}: no {MODEL_INDEX}; not a diffusers pipeline folder")
   if not isinstance(index, dict):
     raise CheckpointError(f"{path}: expected a JSON object")
   return index

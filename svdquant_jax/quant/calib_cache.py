@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from svdquant_jax.utils.files import atomic_write_text
+from svdquant_jax.utils.files import atomic_write_text, read_json
 from svdquant_jax.utils.safetensors_io import CheckpointError, SafetensorsFile, save_safetensors
 
 MANIFEST = "manifest.json"
@@ -154,13 +154,8 @@ class CalibrationWriter:
 
 def _read_manifest(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, MANIFEST)
-  if not os.path.isfile(path):
-    raise CalibrationError(f"{folder}: no {MANIFEST}; not a calibration folder (run the collection first)")
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CalibrationError(f"{path}: malformed manifest: {e}") from e
+  manifest = read_json(path, CalibrationError,
+                       f"{folder}: no {MANIFEST}; not a calibration folder (run the collection first)")
   if manifest.get("format_version") != FORMAT_VERSION:
     raise CalibrationError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
   return manifest

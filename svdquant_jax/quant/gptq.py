@@ -108,7 +108,8 @@ def gptq_quantize(residual: Array, hessian: Array, fmt: QuantFormat, *, block_si
     raise QuantizationError(f"gptq_quantize: hessian shape {hessian.shape} does not match K={k}")
   fmt.check_k(k, f"gptq_quantize kernel of shape {residual.shape}")
   if block_size < 1 or max_inv_tries < 1:
-    raise QuantizationError(f"gptq_quantize: block_size and max_inv_tries must be >= 1")
+    raise QuantizationError(f"gptq_quantize: block_size and max_inv_tries must be >= 1, got {block_size} and "
+                            f"{max_inv_tries}")
   return _gptq(residual, hessian, fmt=fmt, block_size=block_size, damp=damp, max_inv_tries=max_inv_tries,
                precision=precision)
 

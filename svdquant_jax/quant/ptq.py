@@ -34,7 +34,7 @@ from svdquant_jax.quant.quantizers import (FORMATS, GELU_SHIFT, QuantFormat, Qua
 from svdquant_jax.quant.smooth import alpha_beta_grid
 from svdquant_jax.quant.svdquant import SVDQuantWeights, plain_weights, quantize_linear_group
 from svdquant_jax.quant.taps import parse_path
-from svdquant_jax.utils.files import atomic_write_text
+from svdquant_jax.utils.files import atomic_write_text, quiet_info_logs
 from svdquant_jax.utils.progress import Progress
 
 Array = jax.Array
@@ -292,7 +292,8 @@ class ProgressStore:
     elif os.path.exists(folder):
       shutil.rmtree(folder)
     os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
-    self._checkpointer = ocp.StandardCheckpointer()
+    with quiet_info_logs():
+      self._checkpointer = ocp.StandardCheckpointer()
 
   def _dir(self, index: int, name: str) -> str:
     return os.path.abspath(os.path.join(self.folder, "blocks", f"{index:03d}-{name}"))
@@ -301,7 +302,8 @@ class ProgressStore:
     folder = self._dir(index, name)
     with open(os.path.join(folder, "layers.json")) as f:
       meta = json.load(f)
-    tree = self._checkpointer.restore(os.path.join(folder, "arrays"))
+    with quiet_info_logs():
+      tree = self._checkpointer.restore(os.path.join(folder, "arrays"))
     out = {}
     for layer, m in meta.items():
       node = tree
@@ -322,8 +324,9 @@ class ProgressStore:
       for p in parents:
         node = node.setdefault(p, {})
       node[last] = _layer_tree(q)
-    self._checkpointer.save(os.path.join(folder, "arrays"), tree)
-    self._checkpointer.wait_until_finished()
+    with quiet_info_logs():
+      self._checkpointer.save(os.path.join(folder, "arrays"), tree)
+      self._checkpointer.wait_until_finished()
     atomic_write_text(os.path.join(folder, "layers.json"), json.dumps(
         {layer: {"fmt": _fmt_json(q.fmt), "shift": q.shift} for layer, q in layers.items()}, indent=1))
     self.done.append(name)

@@ -31,7 +31,7 @@ from svdquant_jax.pallas import packing
 from svdquant_jax.quant.adapters import ModelAdapter
 from svdquant_jax.quant.ptq import QuantizedLayer
 from svdquant_jax.quant.svdquant import quantized_residual
-from svdquant_jax.utils.files import atomic_directory, atomic_write_text
+from svdquant_jax.utils.files import atomic_directory, atomic_write_text, quiet_info_logs, read_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "quant_config.json"
@@ -124,21 +124,16 @@ def save_quantized(folder: str, params: Mapping[str, Any], specs: Mapping[str, S
   config = {"format_version": FORMAT_VERSION, **json.loads(json.dumps(metadata, default=str)),
             "layers": {p: _spec_json(s) for p, s in sorted(specs.items())}, "empty_params": empty}
   with atomic_directory(folder) as tmp:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, "params"), arrays)
-    ckptr.wait_until_finished()
+    with quiet_info_logs():
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(os.path.join(tmp, "params"), arrays)
+      ckptr.wait_until_finished()
     atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(config, indent=1, sort_keys=True))
 
 
 def read_quantized_config(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise QuantizedCheckpointError(f"{folder}: no {CONFIG_FILE}; not a quantized model folder")
-  with open(path) as f:
-    try:
-      config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise QuantizedCheckpointError(f"{path}: malformed: {e}") from e
+  config = read_json(path, QuantizedCheckpointError, f"{folder}: no {CONFIG_FILE}; not a quantized model folder")
   if config.get("format_version") != FORMAT_VERSION:
     raise QuantizedCheckpointError(f"{path}: format version {config.get('format_version')}, expected {FORMAT_VERSION}")
   return config
@@ -164,7 +159,8 @@ def load_quantized(folder: str, *, expect: Mapping[str, Any] | None = None,
       raise QuantizedCheckpointError(f"{folder} was quantized for a different model: {key} is {saved!r} there, "
                                      f"{value!r} here")
   try:
-    arrays = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, "params")))
+    with quiet_info_logs():
+      arrays = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, "params")))
   except Exception as e:  # orbax raises several types for missing/corrupt data
     raise QuantizedCheckpointError(f"{folder}/params: cannot restore the quantized params: {e}") from e
   flat = checkpoint.flatten(arrays)

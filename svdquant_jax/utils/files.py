@@ -7,10 +7,11 @@ target keeps its previous contents and only a ``.tmp-*`` sibling is left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 
 @contextlib.contextmanager
@@ -80,3 +81,29 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+@contextlib.contextmanager
+def quiet_info_logs() -> Iterator[None]:
+  """absl logging at WARNING and above inside the block (orbax logs ~25 INFO lines per checkpoint
+  save, which would bury the progress lines of a run)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  old = logging.get_verbosity()
+  logging.set_verbosity(min(old, logging.WARNING))  # absl: larger is more verbose (INFO 0, WARNING -1)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(old)
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], missing: str) -> Any:
+  """The parsed JSON file at ``path``; ``error(missing)`` if there is no such file, and
+  ``error`` naming the file if it is not valid JSON (e.g. truncated)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise error(missing)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise error(f"{path}: malformed JSON: {e}") from e
