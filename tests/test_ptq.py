@@ -66,26 +66,15 @@ def _flux_setup(samples=4):
   return ad, params, state
 
 
-def _final_output_error(ad, params, state, layers, settings):
-  """Relative error of the last block's hidden states with all quantized layers applied."""
-  fp, q = state, state
-  for block in ad.blocks():
-    bl = {k.split("/", 1)[1]: v for k, v in layers.items() if k.startswith(block.name + "/")}
-    fp = ptq.replay_block(ad, block, params[block.name], fp, bl, ptq.PTQSettings(replay="fp"))
-    q = ptq.replay_block(ad, block, params[block.name], q, bl, ptq.PTQSettings(replay="quantized"))
-  a, b = np.asarray(q["hidden_states"], np.float64), np.asarray(fp["hidden_states"], np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
 def test_svdquant_beats_rtn_on_the_model_output():
   ad, params, state = _flux_setup()
   svdq = ptq.quantize_transformer(ad, params, state, ptq.PTQSettings(**FAST), log=lambda s: None)
   rtn = ptq.quantize_transformer(ad, params, state, ptq.PTQSettings(**{**FAST, "rank": 0, "smooth": False}),
                                  log=lambda s: None)
-  e_svdq = _final_output_error(ad, params, state, svdq, ptq.PTQSettings())
-  e_rtn = _final_output_error(ad, params, state, rtn, ptq.PTQSettings())
+  e_svdq = ptq.block_errors(ad, params, state, svdq)[-1][1]
+  e_rtn = ptq.block_errors(ad, params, state, rtn)[-1][1]
   print(f"relative error of the last block output: SVDQuant {e_svdq:.4f}, RTN W4A4 {e_rtn:.4f}")
-  assert e_svdq < 0.6 * e_rtn  # measured 0.120 vs 0.231 (ratio 0.52)
+  assert e_svdq < 0.6 * e_rtn  # measured 0.135 vs 0.256 (ratio 0.53), both streams of the last block
   # Every policy layer is there: 7 groups (8 linears) + 2 adaLN in the double block, 3 + 1 in the single.
   assert len(svdq) == 10 + 5
   assert svdq["transformer_blocks_0/norm1/linear"].fmt.act is None
