@@ -4,7 +4,7 @@
     python launch/generate.py --config.model=flux-dev --config.model_path=/data/FLUX.1-dev \
         --config.num_prompts=64 --config.output_dir=runs/flux-dev/reference
 
-Fields left unset (None) take the model's defaults (``svdquant_jax.models.presets``).
+Fields left unset (None) take the model's defaults (``svdquant_jax.pipelines.presets``).
 """
 
 import ml_collections

@@ -44,8 +44,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from svdquant_jax.pallas import packing, reference, triton, tuning  # noqa: E402
-from svdquant_jax.quant import quantizers as q  # noqa: E402
+from svdquant_jax.formats import packing
+from svdquant_jax.pallas import reference, triton, tuning  # noqa: E402
+from svdquant_jax.formats import quantizers as q  # noqa: E402
 from svdquant_jax.utils.files import atomic_write_text  # noqa: E402
 
 FLAGS = flags.FLAGS

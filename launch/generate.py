@@ -15,7 +15,7 @@ call has the same batch size (the last batch is padded by repeating its last pro
 image depends only on the model, the settings, the seed and its own prompt: not on its position
 in the list or on the other prompts.
 
-The core is :func:`svdquant_jax.pipelines.generation.generate_images`, which the PTQ command
+The core is :func:`svdquant_jax.flows.generation.generate_images`, which the PTQ command
 calls with the full-precision and the quantized transformer. ``--config.quantized_model`` runs a
 quantized transformer saved by ``launch/ptq.py``.
 """
@@ -34,10 +34,10 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from svdquant_jax.pipelines import prompts as prompts_lib  # noqa: E402
-from svdquant_jax.pipelines.generation import (  # noqa: E402,F401  (re-exported for callers of this module)
+from svdquant_jax.flows.generation import (  # noqa: E402,F401  (re-exported for callers of this module)
     CONTACT_SHEET, GENERATION_JSON, GenerationSettings, generate_images, image_file)
 from svdquant_jax.pipelines.loading import load_pipeline  # noqa: E402
-from svdquant_jax.quant import qmodel  # noqa: E402
+from svdquant_jax.quant import quantized_model as qmodel  # noqa: E402
 from svdquant_jax.quant.adapters import adapter_for  # noqa: E402
 from svdquant_jax.quant.collect import pipeline_family  # noqa: E402
 

@@ -23,7 +23,7 @@ if _REPO not in sys.path:
 
 from absl import app, flags  # noqa: E402
 
-from svdquant_jax.quant import report as rp  # noqa: E402
+from svdquant_jax.flows import layer_report as rp  # noqa: E402
 from svdquant_jax.quant import smooth  # noqa: E402
 
 flags.DEFINE_string("out_dir", "outputs/layer_report", "Directory for layer_report.md and spectra.png.")

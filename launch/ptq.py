@@ -37,9 +37,10 @@ from ml_collections import config_flags  # noqa: E402
 
 from svdquant_jax.eval import metrics  # noqa: E402
 from svdquant_jax.pipelines import prompts as prompts_lib  # noqa: E402
-from svdquant_jax.pipelines.generation import GENERATION_JSON, GenerationSettings, generate_images, image_file  # noqa: E402,E501
+from svdquant_jax.flows.generation import GENERATION_JSON, GenerationSettings, generate_images, image_file  # noqa: E402,E501
 from svdquant_jax.pipelines.loading import load_pipeline  # noqa: E402
-from svdquant_jax.quant import collect, ptq, qmodel  # noqa: E402
+from svdquant_jax.quant import collect, ptq  # noqa: E402
+from svdquant_jax.quant import quantized_model as qmodel  # noqa: E402
 from svdquant_jax.quant.adapters import adapter_for  # noqa: E402
 from svdquant_jax.utils.files import atomic_write_text  # noqa: E402
 from svdquant_jax.utils.png import read_png  # noqa: E402

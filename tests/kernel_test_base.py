@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svdquant_jax.pallas import packing, reference
+from svdquant_jax.formats import packing
+from svdquant_jax.pallas import reference
 from svdquant_jax.pallas.registry import svdquant_linear
-from svdquant_jax.quant import quantizers as q
+from svdquant_jax.formats import quantizers as q
 
 NATIVE = os.environ.get("SVDQUANT_KERNEL_TESTS", "interpret") == "native"
 INTERPRET = not NATIVE

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from kernel_test_base import relative_error
-from svdquant_jax.models import checkpoint
 from svdquant_jax.nn import (QuantSpec, SVDQuantDense, SVDQuantDenseNNX, replace_dense_params, swap_dense)
-from svdquant_jax.pallas import packing, reference
-from svdquant_jax.quant import quantizers as q
+from svdquant_jax.formats import packing
+from svdquant_jax.pallas import reference
+from svdquant_jax.formats import quantizers as q
 from svdquant_jax.utils.safetensors_io import CheckpointError, TensorStore, save_safetensors
+from svdquant_jax.utils import trees
 
 # The default backend is the reference on CPU (identical numbers up to XLA fusion: float32
 # rounding) and a Pallas kernel on a GPU (kernel-vs-reference tolerance).
@@ -62,7 +63,7 @@ def test_linen_layer_from_float_params_and_numbers():
   assert err < 0.5 * err_naive, (err, err_naive)
   # A freshly initialized layer has the same tree (zeros/ones) and runs.
   init = SVDQuantDense(96, rank=16, param_dtype=jnp.bfloat16).init(jax.random.key(0), x)
-  checkpoint.validate_tree(init["params"], variables["params"])
+  trees.validate_tree(init["params"], variables["params"])
 
 
 def test_nnx_layer_matches_linen_layer():
@@ -147,7 +148,7 @@ class Model(nn.Module):
 
 def _quantize_model_layers(float_params, rng):
   """One QuantizedLinear per swapped path, from the float kernels (λ = 1 + noise, SVD split)."""
-  flat = checkpoint.flatten(float_params)
+  flat = trees.flatten(float_params)
   layers = {}
   for path, spec in SWAP.items():
     w = np.asarray(flat[f"{path}/kernel"], np.float64)
@@ -185,12 +186,12 @@ def test_swap_dense_keeps_param_paths_and_computes_the_quantized_model():
       "block/ff/fc2/lora_up": ((16, 64), f32), "block/ff/fc2/bias": ((64,), f32),
       "head/kernel": ((64, 8), f32), "head/bias": ((8,), f32),
   }
-  got_tree = {p: (tuple(v.shape), jnp.dtype(v.dtype)) for p, v in checkpoint.flatten(abstract).items()}
+  got_tree = {p: (tuple(v.shape), jnp.dtype(v.dtype)) for p, v in trees.flatten(abstract).items()}
   assert got_tree == want_tree
 
   layers = _quantize_model_layers(float_params, rng)
   params = replace_dense_params(float_params, layers)
-  checkpoint.validate_tree(params, abstract)
+  trees.validate_tree(params, abstract)
   with swap_dense(SWAP):
     y = jax.jit(model.apply)({"params": params}, x)
 
@@ -214,7 +215,7 @@ def test_swap_dense_with_a_predicate_and_path_errors():
   x = jnp.ones((1, 4, 64), jnp.float32)
   pick = lambda path, dense: QuantSpec(rank=0) if dense.features % 64 == 0 else None
   with swap_dense(pick) as swapped:
-    tree = checkpoint.flatten(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+    tree = trees.flatten(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
   assert swapped == {"block/to_qkv", "block/to_out", "block/ff/fc1", "block/ff/fc2"}
   assert "head/kernel" in tree and "block/ff/fc1/qweight" in tree and "block/ff/fc1/kernel" not in tree
   with pytest.raises(ValueError, match=r"block/to_v"):

@@ -13,12 +13,12 @@ import safetensors.torch
 import torch
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-from svdquant_jax.models import checkpoint
 from svdquant_jax.models.flux import (FLUX_PRESETS, FluxConfig, FluxDoubleBlock, FluxSingleBlock,
                                       FluxTransformer2DModel, abstract_flux_params, flux_rope, init_flux_params)
 from svdquant_jax.models.flux_loader import flux_mapping, load_flux_transformer
 from svdquant_jax.utils.safetensors_io import CheckpointError
 from svdquant_jax.eval.metrics import relative_error
+from svdquant_jax.utils import trees
 
 _DIFFUSERS_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                    "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
@@ -140,7 +140,7 @@ def test_matches_diffusers_fp32(saved, case):
 def test_bf16_run_close_to_fp32_run_and_to_diffusers_bf16(saved, guided_fp32):
   config16, params16 = load_flux_transformer(saved["guided"]["folder"])  # bf16 params and compute by default
   assert config16.dtype == jnp.bfloat16 and config16.param_dtype == jnp.bfloat16
-  assert checkpoint.flatten(params16)["proj_out/kernel"].dtype == jnp.bfloat16
+  assert trees.flatten(params16)["proj_out/kernel"].dtype == jnp.bfloat16
   config32, params32 = guided_fp32
 
   # Timestep and guidance that bf16 holds exactly (also times 1000), so that only the arithmetic differs.
@@ -198,7 +198,7 @@ def test_blockwise_replay_reproduces_call(saved, guided_fp32):
 def test_fp16_residual_is_clipped_to_the_fp16_range():
   # diffusers clips the single block's output (and the double block's text stream) to +-65504 in fp16.
   config = FLUX_PRESETS["flux-tiny"].replace(dtype="float16", param_dtype="float16")
-  params = checkpoint.cast_tree(init_flux_params(FLUX_PRESETS["flux-tiny"], 0), jnp.float16)
+  params = trees.cast_tree(init_flux_params(FLUX_PRESETS["flux-tiny"], 0), jnp.float16)
   params = params["single_transformer_blocks_0"]
   gate_bias = np.zeros(3 * config.inner_dim, np.float16)
   gate_bias[2 * config.inner_dim:] = 5000.0  # adaLN chunks: shift, scale, gate
@@ -359,7 +359,7 @@ def test_tiny_param_tree_shapes():
   for i in range(2):
     expected.update({f"transformer_blocks_{i}/{k}": v for k, v in double.items()})
     expected.update({f"single_transformer_blocks_{i}/{k}": v for k, v in single.items()})
-  got = checkpoint.flatten(abstract_flux_params(FLUX_PRESETS["flux-tiny"]))
+  got = trees.flatten(abstract_flux_params(FLUX_PRESETS["flux-tiny"]))
   assert {k: tuple(v.shape) for k, v in got.items()} == expected
   assert {v.dtype for v in got.values()} == {jnp.dtype(jnp.bfloat16)}
   # Every linear's input width is a multiple of 64 (the INT4 group size).
@@ -370,8 +370,8 @@ def test_tiny_param_tree_shapes():
 
 def test_init_flux_params_is_deterministic():
   config = FLUX_PRESETS["flux-tiny"]
-  a, b, c = (checkpoint.flatten(init_flux_params(config, seed)) for seed in (0, 0, 1))
-  checkpoint.validate_tree(checkpoint.unflatten(a), abstract_flux_params(config))
+  a, b, c = (trees.flatten(init_flux_params(config, seed)) for seed in (0, 0, 1))
+  trees.validate_tree(trees.unflatten(a), abstract_flux_params(config))
   for path in a:
     assert np.asarray(a[path]).tobytes() == np.asarray(b[path]).tobytes(), path
     assert not np.array_equal(np.asarray(a[path]), np.asarray(c[path])), path
@@ -390,6 +390,6 @@ def test_real_presets_match_diffusers_parameter_count(preset):
   with torch.device("meta"):
     reference = diffusers.FluxTransformer2DModel(**{k: getattr(config, k) for k in _DIFFUSERS_KEYS})
   assert FluxConfig.from_diffusers(reference.config) == config
-  ours = sum(math.prod(v.shape) for v in checkpoint.flatten(abstract_flux_params(config)).values())
+  ours = sum(math.prod(v.shape) for v in trees.flatten(abstract_flux_params(config)).values())
   assert ours == sum(p.numel() for p in reference.parameters())
   assert (config.num_layers, config.num_single_layers, config.inner_dim) == (19, 38, 3072)

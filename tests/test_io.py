@@ -16,6 +16,7 @@ from svdquant_jax.models import checkpoint as ckpt
 from svdquant_jax.utils import files
 from svdquant_jax.utils.progress import Progress, format_duration
 from svdquant_jax.utils.safetensors_io import CheckpointError, SafetensorsFile, TensorStore, save_safetensors
+from svdquant_jax.utils import trees
 
 
 def _torch_tensors():
@@ -180,10 +181,10 @@ def test_load_params_reports_unmapped_params_and_unused_tensor():
 
 def test_validate_tree():
   good = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), _abstract())
-  ckpt.validate_tree(good, _abstract())
+  trees.validate_tree(good, _abstract())
   bad = dict(good, dense={"kernel": jnp.zeros((3, 5))})
   with pytest.raises(CheckpointError, match=r"missing 1 leaf.*dense/bias.*dense/kernel: shape \(3, 5\)"):
-    ckpt.validate_tree(bad, _abstract())
+    trees.validate_tree(bad, _abstract())
 
 
 def test_read_config_checks_the_class(tmp_path):

@@ -13,9 +13,10 @@ import pytest
 
 from kernel_test_base import (INTERPRET, Kernel1Outputs, KernelTestBase, random_activations, random_layer,
                               relative_error)
-from svdquant_jax.pallas import packing, reference, registry, triton as tr, tuning
+from svdquant_jax.formats import packing
+from svdquant_jax.pallas import reference, registry, triton as tr, tuning
 from svdquant_jax.pallas import svdquant_linear
-from svdquant_jax.quant import quantizers as q
+from svdquant_jax.formats import quantizers as q
 
 
 # ============================================================================= Triton kernels

@@ -8,8 +8,9 @@ import pytest
 
 from launch import generate as generate_launch
 from launch import ptq as ptq_launch
-from svdquant_jax.quant import ptq, qmodel
-from svdquant_jax.quant.qmodel import QuantizedCheckpointError
+from svdquant_jax.quant import ptq
+from svdquant_jax.quant import quantized_model as qmodel
+from svdquant_jax.quant.quantized_model import QuantizedCheckpointError
 from svdquant_jax.utils.png import read_png
 
 

@@ -4,7 +4,7 @@ synthetic layer, and the written markdown / PNG."""
 import numpy as np
 import pytest
 
-from svdquant_jax.quant import report as rp
+from svdquant_jax.flows import layer_report as rp
 from svdquant_jax.quant import smooth
 from svdquant_jax.utils.png import read_png
 

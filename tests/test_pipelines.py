@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from svdquant_jax.models import checkpoint
-from svdquant_jax.models import presets
+from svdquant_jax.pipelines import presets
 from svdquant_jax.models import tokenizers as tok_lib
 from svdquant_jax.models.checkpoint import Rule
 from svdquant_jax.models.flux import FluxDoubleBlock, FluxTransformer2DModel, init_flux_params
@@ -27,6 +27,7 @@ from svdquant_jax.pipelines.pixart import PixArtSigmaPipeline
 from svdquant_jax.quant.taps import apply_with_taps
 from svdquant_jax.utils.safetensors_io import CheckpointError
 from svdquant_jax.eval.metrics import relative_error
+from svdquant_jax.utils import trees
 
 # Measured relative L2 errors on CPU (jax 0.10.2 / torch 2.13, fp32, 2 steps): FLUX dev-like latents 9.2e-7,
 # images 6.4e-7; schnell-like 3.7e-7 / 4.5e-7; PixArt CFG 1.5e-6 / 9.2e-7. The bound is the task's 1e-4.
@@ -289,7 +290,7 @@ def test_loading_errors_name_the_problem(flux_cases, pixart_case, tmp_path):
 
 # ----------------------------------------------------------------------------- save / load
 def _assert_same_params(a, b):
-  fa, fb = checkpoint.flatten(a), checkpoint.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -340,7 +341,7 @@ def test_unmap_params_inverts_every_kind_of_rule():
            + checkpoint.conv_rules("conv", "conv", bias=False) + [Rule("emb/embedding", ("emb",))]
            + [Rule("split_a/kernel", ("split.weight",), checkpoint.linear_in_slice(0, 3)),
               Rule("split_b/kernel", ("split.weight",), checkpoint.linear_in_slice(3, 7))])
-  abstract = checkpoint.unflatten({r.target: jax.ShapeDtypeStruct(r.convert([store[s] for s in r.sources]).shape,
+  abstract = trees.unflatten({r.target: jax.ShapeDtypeStruct(r.convert([store[s] for s in r.sources]).shape,
                                                                   jnp.float32) for r in rules})
   params = checkpoint.load_params(store, rules, abstract, to_device=False)
   back = loading.unmap_params(params, rules)

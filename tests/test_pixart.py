@@ -12,12 +12,12 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel as TorchPixArt
 
-from svdquant_jax.models import checkpoint as ckpt
 from svdquant_jax.models.pixart import (PIXART_PRESETS, PixArtBlock, PixArtConfig, PixArtTransformer2DModel,
                                         abstract_pixart_params, init_pixart_params)
 from svdquant_jax.models.pixart_loader import load_pixart_transformer, pixart_mapping
 from svdquant_jax.utils.safetensors_io import CheckpointError, TensorStore, save_safetensors
 from svdquant_jax.eval.metrics import relative_error
+from svdquant_jax.utils import trees
 
 # Tiny diffusers configs: 2 heads x 24 = 48 wide (divisible by 3 for the size embeddings and
 # by 4 for the sin-cos position embedding), 2 blocks, a 4x4 patch grid at sample_size.
@@ -316,7 +316,7 @@ def test_pixart_tiny_param_tree_shapes():
         f"{b}/ff/fc2/kernel": (4 * d, d), f"{b}/ff/fc2/bias": (d,),
     })
   params = init_pixart_params(c, seed=0)
-  got = {k: tuple(v.shape) for k, v in ckpt.flatten(params).items()}
+  got = {k: tuple(v.shape) for k, v in trees.flatten(params).items()}
   assert got == want
   assert all(v.dtype == jnp.float16 for v in jax.tree_util.tree_leaves(params))
   # Every Dense input width (K) is a multiple of 64.
@@ -336,7 +336,7 @@ def test_sigma_mapping_covers_the_real_diffusers_state_dict():
   shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
   rules = pixart_mapping(config)
   assert {s for r in rules for s in r.sources} == set(shapes)
-  abstract = ckpt.flatten(abstract_pixart_params(config))
+  abstract = trees.flatten(abstract_pixart_params(config))
   assert {r.target for r in rules} == set(abstract)
   for r in rules:
     sources = [np.broadcast_to(np.zeros((), np.float16), shapes[s]) for s in r.sources]
@@ -349,7 +349,7 @@ def test_sigma_mapping_covers_the_real_diffusers_state_dict():
 def test_init_is_deterministic():
   c = dataclasses.replace(PIXART_PRESETS["pixart-tiny"], num_layers=1)
   a, b, other = init_pixart_params(c, 7), init_pixart_params(c, 7), init_pixart_params(c, 8)
-  flat_a, flat_b, flat_o = ckpt.flatten(a), ckpt.flatten(b), ckpt.flatten(other)
+  flat_a, flat_b, flat_o = trees.flatten(a), trees.flatten(b), trees.flatten(other)
   for k in flat_a:
     np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]))
     assert not np.array_equal(np.asarray(flat_a[k]), np.asarray(flat_o[k])), k

@@ -149,7 +149,7 @@ def test_module_loss_matches_a_direct_evaluation():
   bp = params["transformer_blocks_0"]
   path = parse_path("attn/to_qkv")
   _, rec = block_calib.run_block(ad, "flux_double", bp, state, record_outputs=(("attn",),), batch_size=2)
-  from svdquant_jax.quant.quantizers import INT4
+  from svdquant_jax.formats.quantizers import INT4
   from svdquant_jax.quant.svdquant import plain_weights
   cand = plain_weights(bp["attn"]["to_qkv"]["kernel"], bp["attn"]["to_qkv"]["bias"])
   loss = block_calib.ModuleOutputLoss(bp, state, rec["outputs"][("attn",)], ad, "flux_double", (path,), ("attn",),

@@ -7,7 +7,7 @@ import flax.linen as nn
 import numpy as np
 
 from svdquant_jax.eval.metrics import relative_error
-from svdquant_jax.quant import quantizers as qz
+from svdquant_jax.formats import quantizers as qz
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from svdquant_jax.quant import gptq, lowrank, quantizers as qz, smooth, svdquant as sq
+from svdquant_jax.formats import quantizers as qz
+from svdquant_jax.quant import gptq, lowrank, smooth, svdquant as sq
 from svdquant_jax.eval.metrics import relative_error
 
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])

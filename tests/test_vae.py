@@ -16,6 +16,7 @@ from svdquant_jax.models import checkpoint
 from svdquant_jax.models import vae
 from svdquant_jax.utils.safetensors_io import CheckpointError
 from svdquant_jax.eval.metrics import relative_error
+from svdquant_jax.utils import trees
 
 PARITY_TOL = 1e-5
 # bf16 (params and activations) decode vs our fp32 decode, relative L2, on the FLUX-like tiny model
@@ -299,8 +300,8 @@ def test_init_vae_params_deterministic_and_shaped():
   config = vae.vae_preset("vae-tiny-4")
   a, b = vae.init_vae_params(config, 3), vae.init_vae_params(config, 3)
   c = vae.init_vae_params(config, 4)
-  checkpoint.validate_tree(a, vae.abstract_vae_params(config))
-  fa, fb, fc = checkpoint.flatten(a), checkpoint.flatten(b), checkpoint.flatten(c)
+  trees.validate_tree(a, vae.abstract_vae_params(config))
+  fa, fb, fc = trees.flatten(a), trees.flatten(b), trees.flatten(c)
   assert all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
   assert all(not np.array_equal(np.asarray(fa[k]), np.asarray(fc[k])) for k in fa)
   k1, k2 = fa["decoder/up_blocks_0/resnets_0/conv1/kernel"], fa["decoder/up_blocks_0/resnets_1/conv1/kernel"]

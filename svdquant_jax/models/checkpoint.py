@@ -17,17 +17,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.utils.files import read_json
+from svdquant_jax.utils.trees import MAX_LISTED, flatten, listing, unflatten, validate_tree
 from svdquant_jax.utils.safetensors_io import CheckpointError, TensorStore
 
 Convert = Callable[[Sequence[np.ndarray]], np.ndarray]
-_MAX_LISTED = 12
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -144,72 +143,6 @@ def conv_rules(target: str, source: str, bias: bool = True) -> list[Rule]:
   return rules
 
 
-# ----------------------------------------------------------------------------- trees
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested dict -> ``{"a/b/c": leaf}``."""
-  out: dict[str, Any] = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, path))
-    else:
-      out[path] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """``{"a/b/c": leaf}`` -> nested dict."""
-  out: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = v
-  return out
-
-
-def _listing(items: Iterable[str]) -> str:
-  items = sorted(items)
-  shown = ", ".join(items[:_MAX_LISTED])
-  return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
-
-
-def validate_tree(params: Mapping[str, Any], abstract: Mapping[str, Any], what: str = "params",
-                  check_dtype: bool = True) -> None:
-  """Checks that ``params`` has exactly the paths, shapes (and dtypes) of ``abstract``.
-
-  Args:
-    params: nested dict of arrays.
-    abstract: nested dict of ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape(init)``).
-    what: a name for the tree in the error message.
-    check_dtype: also require equal dtypes.
-
-  Raises:
-    CheckpointError: naming every missing, unexpected and misshaped leaf.
-  """
-  got, want = flatten(params), flatten(abstract)
-  problems = []
-  missing = set(want) - set(got)
-  extra = set(got) - set(want)
-  if missing:
-    problems.append(f"missing {len(missing)} leaf/leaves: {_listing(missing)}")
-  if extra:
-    problems.append(f"unexpected {len(extra)} leaf/leaves: {_listing(extra)}")
-  bad = []
-  for path in sorted(set(got) & set(want)):
-    g, w = got[path], want[path]
-    if tuple(g.shape) != tuple(w.shape):
-      bad.append(f"{path}: shape {tuple(g.shape)} != expected {tuple(w.shape)}")
-    elif check_dtype and jnp.dtype(g.dtype) != jnp.dtype(w.dtype):
-      bad.append(f"{path}: dtype {g.dtype} != expected {w.dtype}")
-  if bad:
-    problems.append("mismatched: " + "; ".join(bad[:_MAX_LISTED]) +
-                    (f"; ... ({len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""))
-  if problems:
-    raise CheckpointError(f"{what} do not match the model: " + " | ".join(problems))
-
-
 def load_params(store: Mapping[str, np.ndarray], rules: Sequence[Rule], abstract: Mapping[str, Any], *,
                 ignore: Sequence[str] = (), source: str = "checkpoint",
                 to_device: bool = True) -> dict[str, Any]:
@@ -236,23 +169,23 @@ def load_params(store: Mapping[str, np.ndarray], rules: Sequence[Rule], abstract
   targets = [r.target for r in rules]
   dup = {t for t in targets if targets.count(t) > 1}
   if dup:
-    raise ValueError(f"mapping table maps several rules to {_listing(dup)}")
+    raise ValueError(f"mapping table maps several rules to {listing(dup)}")
   unknown_targets = set(targets) - set(want)
   if unknown_targets:
-    raise ValueError(f"mapping table names params the model does not have: {_listing(unknown_targets)}")
+    raise ValueError(f"mapping table names params the model does not have: {listing(unknown_targets)}")
 
   problems = []
   missing_sources = sorted({s for r in rules for s in r.sources if s not in store})
   if missing_sources:
-    problems.append(f"missing tensor(s) {_listing(missing_sources)}")
+    problems.append(f"missing tensor(s) {listing(missing_sources)}")
   used = {s for r in rules for s in r.sources}
   ignore_re = [re.compile(p) for p in ignore]
   unused = [k for k in store if k not in used and not any(p.fullmatch(k) for p in ignore_re)]
   if unused:
-    problems.append(f"unexpected tensor(s) {_listing(unused)}")
+    problems.append(f"unexpected tensor(s) {listing(unused)}")
   not_produced = set(want) - set(targets)
   if not_produced:
-    problems.append(f"no checkpoint tensor maps to param(s) {_listing(not_produced)}")
+    problems.append(f"no checkpoint tensor maps to param(s) {listing(not_produced)}")
   if problems:
     raise CheckpointError(f"{source} does not match the model: " + " | ".join(problems))
 
@@ -268,8 +201,8 @@ def load_params(store: Mapping[str, np.ndarray], rules: Sequence[Rule], abstract
     value = np.asarray(value).astype(expected.dtype)
     flat[r.target] = jnp.asarray(value) if to_device else value
   if bad:
-    raise CheckpointError(f"{source} does not match the model: " + "; ".join(bad[:_MAX_LISTED]) +
-                          (f"; ... ({len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""))
+    raise CheckpointError(f"{source} does not match the model: " + "; ".join(bad[:MAX_LISTED]) +
+                          (f"; ... ({len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""))
   params = unflatten(flat)
   validate_tree(params, abstract, what=f"params loaded from {source}")
   return params
@@ -309,10 +242,3 @@ def open_store(folder: str | os.PathLike, variant: str | None = None) -> TensorS
   the files without a variant are read.
   """
   return TensorStore(folder, variant)
-
-
-def cast_tree(params: Any, dtype: Any) -> Any:
-  """Casts every floating-point leaf of ``params`` to ``dtype`` (integers are kept)."""
-  def cast(x):
-    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  return jax.tree_util.tree_map(cast, params)

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svdquant_jax.models import checkpoint
 from svdquant_jax.models.layers import (ATTENTION_IMPLEMENTATIONS, RMSNorm, TimestepMLP, attention, gelu_tanh,
                                         layer_norm, timestep_embedding)
 from svdquant_jax.models.layers import as_float_dtype as as_dtype
+from svdquant_jax.utils import trees
 
 Array = jax.Array
 RotaryEmbedding = tuple[Array, Array]
@@ -524,11 +524,11 @@ def init_flux_params(config: FluxConfig, seed: int) -> dict[str, Any]:
   """
   root = jax.random.key(seed)
   leaves = {}
-  for path, leaf in checkpoint.flatten(abstract_flux_params(config)).items():
+  for path, leaf in trees.flatten(abstract_flux_params(config)).items():
     kind = path.rsplit("/", 1)[-1]
     mean, std = {"kernel": (0.0, 1.0 / math.sqrt(leaf.shape[0])), "bias": (0.0, 0.02), "scale": (1.0, 0.1)}[kind]
     key = jax.random.fold_in(root, np.uint32(zlib.crc32(path.encode())))
     chunks = 1 << (-(-math.prod(leaf.shape) // _INIT_CHUNK) - 1).bit_length()
     noise = _standard_normal(chunks)(key)
     leaves[path] = _shape_leaf(tuple(leaf.shape), jnp.dtype(leaf.dtype), mean, std)(noise)
-  return checkpoint.unflatten(leaves)
+  return trees.unflatten(leaves)

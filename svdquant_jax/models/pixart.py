@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svdquant_jax.models import checkpoint
 from svdquant_jax.models.layers import (ATTENTION_IMPLEMENTATIONS, TimestepMLP, as_float_dtype, attention, gelu_tanh,
                                         layer_norm, timestep_embedding)
+from svdquant_jax.utils import trees
 
 Array = jax.Array
 Dtype = Any
@@ -585,8 +585,8 @@ def init_pixart_params(config: PixArtConfig, seed: int) -> dict[str, Any]:
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f"init_pixart_params: seed must be a non-negative integer, got {seed!r}")
   flat = {}
-  for path, leaf in checkpoint.flatten(abstract_pixart_params(config)).items():
+  for path, leaf in trees.flatten(abstract_pixart_params(config)).items():
     rng = np.random.Generator(np.random.PCG64([int(seed), zlib.crc32(path.encode("utf-8"))]))
     std = np.float32(_leaf_std(path, tuple(leaf.shape)))
     flat[path] = jnp.asarray((rng.standard_normal(leaf.shape, dtype=np.float32) * std).astype(leaf.dtype))
-  return checkpoint.unflatten(flat)
+  return trees.unflatten(flat)

@@ -47,6 +47,7 @@ from svdquant_jax.models import checkpoint
 from svdquant_jax.models.checkpoint import Rule
 from svdquant_jax.models.layers import ATTENTION_IMPLEMENTATIONS, as_float_dtype, attention
 from svdquant_jax.utils.safetensors_io import CheckpointError
+from svdquant_jax.utils import trees
 
 Array = jax.Array
 Dtype = Any
@@ -467,7 +468,7 @@ def init_vae_params(config: VAEConfig, seed: int) -> dict[str, Any]:
   """
   if int(seed) < 0:
     raise ValueError(f"seed={seed} must be a non-negative int")
-  flat = checkpoint.flatten(abstract_vae_params(config))
+  flat = trees.flatten(abstract_vae_params(config))
   out = {}
   for path, leaf in flat.items():
     rng = np.random.default_rng([int(seed), zlib.crc32(path.encode())])
@@ -480,7 +481,7 @@ def init_vae_params(config: VAEConfig, seed: int) -> dict[str, Any]:
     else:
       value = np.float32(0.05) * noise
     out[path] = jnp.asarray(value.astype(leaf.dtype))
-  return checkpoint.unflatten(out)
+  return trees.unflatten(out)
 
 
 # ----------------------------------------------------------------------------- loading

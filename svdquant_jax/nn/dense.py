@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdquant_jax.models import checkpoint
-from svdquant_jax.pallas import packing
-from svdquant_jax.pallas.packing import QuantizedLinear
+from svdquant_jax.formats import packing
+from svdquant_jax.formats.packing import QuantizedLinear
 from svdquant_jax.pallas.registry import svdquant_linear
+from svdquant_jax.utils import trees
+from svdquant_jax.utils.safetensors_io import CheckpointError
 
 Array = jax.Array
 PARAM_NAMES = ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
@@ -179,7 +180,7 @@ class SVDQuantDense(nn.Module):
     """
     for name in ("wscales", "smooth", "lora_down"):
       if name not in params:
-        raise checkpoint.CheckpointError(f"SVDQuantDense params: missing {name!r}; got {sorted(params)}")
+        raise CheckpointError(f"SVDQuantDense params: missing {name!r}; got {sorted(params)}")
     n, k = params["wscales"].shape[-1], params["smooth"].shape[0]
     module = cls(features=int(n), use_bias=("bias" in params) if use_bias is None else use_bias, dtype=dtype,
                  param_dtype=params["smooth"].dtype, rank=int(params["lora_down"].shape[-1]), fmt=fmt,
@@ -192,7 +193,7 @@ class SVDQuantDense(nn.Module):
     """Checks a params subtree against this layer's parameters (paths, shapes, dtypes)."""
     want = param_shapes(in_features, self.features, rank=self.rank, fmt=self.fmt, shift=self.shift,
                         use_bias=self.use_bias, param_dtype=self.param_dtype)
-    checkpoint.validate_tree(dict(params), want, what="SVDQuantDense params")
+    trees.validate_tree(dict(params), want, what="SVDQuantDense params")
 
 
 class SVDQuantDenseNNX(nnx.Module):

@@ -22,10 +22,11 @@ from typing import Any, Callable, Iterator, Mapping, Union
 
 import flax.linen as nn
 
-from svdquant_jax.models import checkpoint
 from svdquant_jax.nn.dense import SVDQuantDense, layer_params
 from svdquant_jax.nn.weight_only import WeightOnlyDense, WeightOnlySpec
-from svdquant_jax.pallas.packing import QuantizedLinear
+from svdquant_jax.formats.packing import QuantizedLinear
+from svdquant_jax.utils import trees
+from svdquant_jax.utils.safetensors_io import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,24 +121,24 @@ def replace_dense_params(params: Mapping[str, Any],
     CheckpointError: a path that is not a Dense's parameters in ``params``, or whose kernel
       shape does not match the quantized layer.
   """
-  flat = checkpoint.flatten(params)
+  flat = trees.flatten(params)
   for path, layer in layers.items():
     kernel = flat.get(f"{path}/kernel")
     if kernel is None:
-      raise checkpoint.CheckpointError(f"replace_dense_params: no Dense kernel at {path!r}/kernel")
+      raise CheckpointError(f"replace_dense_params: no Dense kernel at {path!r}/kernel")
     if isinstance(layer, QuantizedLinear):
       if tuple(kernel.shape) != (layer.in_features, layer.out_features):
-        raise checkpoint.CheckpointError(f"replace_dense_params: {path}/kernel has shape {tuple(kernel.shape)}, the "
+        raise CheckpointError(f"replace_dense_params: {path}/kernel has shape {tuple(kernel.shape)}, the "
                                          f"quantized layer is [{layer.in_features}, {layer.out_features}]")
       subtree = layer_params(layer)
     else:
       subtree = dict(layer)
     own = [p for p in flat if p.startswith(f"{path}/") and "/" not in p[len(path) + 1:]]
     if set(own) - {f"{path}/kernel", f"{path}/bias"}:
-      raise checkpoint.CheckpointError(f"replace_dense_params: {path!r} holds more than a Dense's kernel/bias: "
+      raise CheckpointError(f"replace_dense_params: {path!r} holds more than a Dense's kernel/bias: "
                                        f"{sorted(own)}")
     for p in own:
       del flat[p]
     for name, value in subtree.items():
       flat[f"{path}/{name}"] = value
-  return checkpoint.unflatten(flat)
+  return trees.unflatten(flat)

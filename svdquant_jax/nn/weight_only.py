@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from svdquant_jax.models import checkpoint
-from svdquant_jax.pallas import packing
-from svdquant_jax.quant import quantizers as q
+from svdquant_jax.formats import packing
+from svdquant_jax.formats import quantizers as q
+from svdquant_jax.utils import trees
 
 Array = jax.Array
 WEIGHT_ONLY_FORMATS = ("int4", "nf4")
@@ -111,4 +111,4 @@ class WeightOnlyDense(nn.Module):
 
   def check_params(self, params: Mapping[str, Any], in_features: int) -> None:
     want = weight_only_shapes(in_features, self.features, self.spec, self.use_bias, self.param_dtype)
-    checkpoint.validate_tree(dict(params), want, what="WeightOnlyDense params")
+    trees.validate_tree(dict(params), want, what="WeightOnlyDense params")

@@ -10,7 +10,7 @@ one with :func:`from_components` (from the quantization code's float pieces) or
 everywhere) and ``"triton"`` (Pallas-Triton, NVIDIA GPUs; ``interpret=True`` on CPU).
 """
 
-from svdquant_jax.pallas.packing import (
+from svdquant_jax.formats.packing import (
     FORMATS,
     QuantizedLinear,
     QuantizedLinearError,

@@ -4,7 +4,7 @@ The op is split as Nunchaku splits it (spec §6.1), so that each GPU kernel has 
 
 * **kernel 1** (:func:`quantize_activations`): one read of ``x``: smoothing ``x̂ = x/λ (+δ)``
   in float32 (a correctly rounded division), dynamic per-token per-group quantization with
-  the project's quantizers (:mod:`svdquant_jax.quant.quantizers`: scale ``absmax/qmax``
+  the project's quantizers (:mod:`svdquant_jax.formats.quantizers`: scale ``absmax/qmax``
   correctly rounded, then rounded to its storage dtype; codes ``round_half_even(x̂/scale)``,
   clipped; 0 where the scale is 0), and the low-rank down-projection
   ``lora_act = x · lora_down`` accumulated in float32. Every step is an IEEE operation, so a
@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from svdquant_jax.pallas.packing import QuantizedLinear, check_inputs
-from svdquant_jax.quant import quantizers as q
+from svdquant_jax.formats.packing import QuantizedLinear, check_inputs
+from svdquant_jax.formats import quantizers as q
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST

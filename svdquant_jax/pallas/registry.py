@@ -21,7 +21,7 @@ import jax
 from absl import logging
 
 from svdquant_jax.pallas import reference, triton
-from svdquant_jax.pallas.packing import QuantizedLinear, check_inputs
+from svdquant_jax.formats.packing import QuantizedLinear, check_inputs
 
 Array = jax.Array
 REFERENCE = "reference"

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from svdquant_jax.pallas import reference, tuning
-from svdquant_jax.pallas.packing import HALF_BLOCK, PACK_BLOCK, QuantizedLinear, check_inputs
-from svdquant_jax.quant.quantizers import INT4_MAX, UINT4_MAX
+from svdquant_jax.formats.packing import HALF_BLOCK, PACK_BLOCK, QuantizedLinear, check_inputs
+from svdquant_jax.formats.quantizers import INT4_MAX, UINT4_MAX
 
 try:  # Pallas-Triton is deprecated from jax 0.11 (still present there); guard its import.
   from jax.experimental import pallas as pl

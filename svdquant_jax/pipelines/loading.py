@@ -1,10 +1,10 @@
 """Loading and saving text-to-image pipelines (diffusers folder layout) and building the tiny presets.
 
-:func:`load_pipeline` takes a preset name from ``svdquant_jax.models.presets.PIPELINE_PRESETS``
+:func:`load_pipeline` takes a preset name from ``svdquant_jax.pipelines.presets.PIPELINE_PRESETS``
 or a diffusers-format folder:
 
 * ``"flux-tiny"`` / ``"pixart-tiny"``: built in memory (deterministic weights, byte-level
-  tokenizers; see :mod:`svdquant_jax.models.presets`);
+  tokenizers; see :mod:`svdquant_jax.pipelines.presets`);
 * ``"flux-dev"`` / ``"flux-schnell"`` / ``"pixart-sigma"``: the real models; their weights are
   read from ``path=`` (a local diffusers folder; nothing is downloaded);
 * a folder with ``model_index.json`` naming ``FluxPipeline`` (``transformer/``, ``text_encoder/``
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.models import checkpoint
-from svdquant_jax.models import presets as presets_lib
+from svdquant_jax.pipelines import presets as presets_lib
 from svdquant_jax.models import tokenizers as tokenizers_lib
 from svdquant_jax.models.checkpoint import Rule
 from svdquant_jax.models.clip import (LEGACY_PREFIX, CLIPTextConfig, clip_abstract_params, clip_mapping,
@@ -59,6 +59,7 @@ from svdquant_jax.pipelines.flux import FluxPipeline
 from svdquant_jax.pipelines.pixart import PixArtSigmaPipeline
 from svdquant_jax.utils.files import atomic_directory, atomic_write_text, read_json
 from svdquant_jax.utils.safetensors_io import CheckpointError, save_safetensors
+from svdquant_jax.utils import trees
 
 Pipeline = FluxPipeline | PixArtSigmaPipeline
 MODEL_INDEX = "model_index.json"
@@ -268,7 +269,7 @@ def unmap_params(params: Mapping[str, Any], rules: Sequence[Rule], what: str = "
     CheckpointError: params that the table does not cover (or vice versa), or a rule that cannot
       be inverted.
   """
-  flat = checkpoint.flatten(params)
+  flat = trees.flatten(params)
   targets = [r.target for r in rules]
   missing, extra = set(targets) - set(flat), set(flat) - set(targets)
   if missing or extra:

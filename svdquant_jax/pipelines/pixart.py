@@ -41,7 +41,7 @@ import numpy as np
 
 from svdquant_jax.models import tokenizers as tokenizers_lib
 from svdquant_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
-from svdquant_jax.models.presets import GenerationDefaults
+from svdquant_jax.pipelines.presets import GenerationDefaults
 from svdquant_jax.models.t5 import T5Config, T5Encoder
 from svdquant_jax.models.vae import AutoencoderKL, VAEConfig
 from svdquant_jax.pipelines import images as images_lib

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from svdquant_jax.quant.adapters import ModelAdapter, State
-from svdquant_jax.quant.quantizers import QuantFormat
-from svdquant_jax.quant.svdquant import PRECISION, SVDQuantWeights, fake_forward
+from svdquant_jax.formats.quantizers import QuantFormat
+from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, fake_forward
 from svdquant_jax.quant.taps import Path, apply_with_taps
 
 Array = jax.Array

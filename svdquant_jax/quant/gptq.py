@@ -15,7 +15,7 @@ columns). As deepcompressor's ``gptq_quantize`` with ``svdquant/gptq.yaml``:
     accumulated errors update all later rows at once;
   * **static groups**: the group scales (INT4 g64 ``absmax / 7``; NVFP4 g16 two-level) are computed
     from the full residual before GPTQ and kept, so the result is codes + those scales in
-    :class:`~svdquant_jax.quant.quantizers.QuantizedWeight` (dequantized by the same function as RTN).
+    :class:`~svdquant_jax.formats.quantizers.QuantizedWeight` (dequantized by the same function as RTN).
 
 If the Hessian never becomes invertible, the rows are quantized with U = I (RTN with the static
 scales) and ``stable`` is False; :func:`~svdquant_jax.quant.svdquant.quantize_linear_group` turns
@@ -31,10 +31,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from svdquant_jax.quant.quantizers import (
+from svdquant_jax.formats.quantizers import (
     QuantFormat, QuantizationError, QuantizedWeight, decode_codes, effective_scales, encode_scaled, true_divide,
     weight_group_size, weight_scales)
-from svdquant_jax.quant.svdquant import PRECISION
+from svdquant_jax.quant.weights import PRECISION
 from svdquant_jax.utils import linalg
 
 Array = jax.Array

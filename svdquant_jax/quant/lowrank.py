@@ -41,8 +41,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from svdquant_jax.quant.quantizers import QuantFormat, QuantizationError, fake_quant_weight
-from svdquant_jax.quant.svdquant import PRECISION, SVDQuantWeights, as_traceable_loss
+from svdquant_jax.formats.quantizers import QuantFormat, QuantizationError, fake_quant_weight
+from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, as_traceable_loss
 from svdquant_jax.utils import linalg
 
 Array = jax.Array

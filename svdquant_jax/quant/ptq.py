@@ -30,7 +30,7 @@ from svdquant_jax.quant import block_calib
 from svdquant_jax.quant.adapters import BlockRef, ModelAdapter, State
 from svdquant_jax.quant.calib_cache import CalibrationSet
 from svdquant_jax.quant.policy import POLICIES, resolve_skips
-from svdquant_jax.quant.quantizers import (FORMATS, GELU_SHIFT, QuantFormat, QuantizedWeight, W4A16_INT4)
+from svdquant_jax.formats.quantizers import (FORMATS, GELU_SHIFT, QuantFormat, QuantizedWeight, W4A16_INT4)
 from svdquant_jax.quant.smooth import alpha_beta_grid
 from svdquant_jax.quant.svdquant import SVDQuantWeights, plain_weights, quantize_linear_group
 from svdquant_jax.quant.taps import parse_path

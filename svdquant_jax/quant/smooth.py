@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from svdquant_jax.quant.lowrank import DEFAULT_SVD_ITERS, svd_lowrank
-from svdquant_jax.quant.quantizers import QuantFormat, QuantizationError
-from svdquant_jax.quant.svdquant import PRECISION, SVDQuantWeights, as_traceable_loss, fake_forward
+from svdquant_jax.formats.quantizers import QuantFormat, QuantizationError
+from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, as_traceable_loss, fake_forward
 
 Array = jax.Array
 

@@ -1,164 +1,29 @@
-"""The SVDQuant linear in float form, its fake-quantized forward, and the whole-layer entry point.
+"""SVDQuant for one group of linear layers that share an input: the whole-layer entry point.
 
-One linear layer ``y = x @ W + b`` (kernel ``W [K, N]``) becomes (``docs/design.md``, canonical
-formula; spec §1, paper Eq. 5-6)::
-
-  x̂ = x / λ,   Ŵ = diag(λ) W = R + A B,
-  y = Qa(x̂ + δ) · Qw(R) + (x̂ · A) · B + b - δ · 1ᵀ Qw(R)
-
-:class:`SVDQuantWeights` holds the float pieces (λ, R, A, B, b), :func:`fake_forward` evaluates
-the formula with fake quantizers, :func:`to_lora_down` gives the deployed ``lora_down = diag(1/λ) A``
-that reads the raw input. :func:`quantize_linear_group` runs the whole pipeline for the layers
-that share one input: smoothing search (``smooth.py``) -> low-rank branch with alternating
-refinement (``lowrank.py``) -> optional GPTQ on the residual (``gptq.py``).
-
-Everything here works on float32 copies of the kernels (the searches compare small error
-differences); the scales of the quantizers follow ``QuantFormat.scale_dtype``.
+:func:`quantize_linear_group` runs the pipeline for the layers that read one input: smoothing
+search (``smooth.py``) -> low-rank branch with alternating refinement (``lowrank.py``) ->
+optional GPTQ on the residual (``gptq.py``). The float form it returns and the fake-quantized
+forward live in ``weights.py`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svdquant_jax.quant.quantizers import (
-    GELU_SHIFT, QuantFormat, QuantizationError, QuantizedWeight, dequantize_weight, fake_quant_act,
-    fake_quant_weight, true_divide)
+from svdquant_jax.formats.quantizers import GELU_SHIFT, QuantFormat, QuantizationError
+from svdquant_jax.quant import gptq as gptq_lib
+from svdquant_jax.quant import lowrank as lowrank_lib
+from svdquant_jax.quant import smooth as smooth_lib
+from svdquant_jax.quant.weights import (PRECISION, SVDQuantWeights, act_shift, as_traceable_loss, effective_bias,
+                                        fake_forward, plain_weights, quantized_residual, to_lora_down)
 
 Array = jax.Array
-# Matmul precision of every quantization computation: on GPU, DEFAULT may run f32 matmuls in
-# TF32 (10-bit mantissa), which would blur the small loss differences the searches compare.
-PRECISION = jax.lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SVDQuantWeights:
-  """Float form of one SVDQuant linear (a pytree; all arrays float32).
-
-  Attributes:
-    smooth: ``λ [K]``: the input divisor (``x̂ = x / λ``); ones when not smoothed.
-    residual: ``R [K, N] = diag(λ) W - A B``, not quantized.
-    lora_a: ``A [K, r]``: the branch down-projection acting on the smoothed ``x̂`` (orthonormal
-      columns, deepcompressor's ``a`` transposed).
-    lora_b: ``B [r, N]``: the branch up-projection (singular values folded in).
-    bias: ``b [N]``: the original bias (the shift compensation is applied by the forward).
-    residual_q: optional real quantized residual. ``None`` (the usual case): the quantized
-      residual is ``Qw(R)`` (RTN with the format's absmax scales). Set by GPTQ (whose codes are not
-      an RTN of any float tensor we keep) and by error-compensation baselines: then it replaces
-      ``Qw(R)`` everywhere, and ``residual`` keeps the float R it was computed from.
-  """
-  smooth: Array
-  residual: Array
-  lora_a: Array
-  lora_b: Array
-  bias: Array
-  residual_q: QuantizedWeight | None = None
-
-  @property
-  def rank(self) -> int:
-    return self.lora_a.shape[-1]
-
-  @property
-  def in_features(self) -> int:
-    return self.residual.shape[-2]
-
-  @property
-  def out_features(self) -> int:
-    return self.residual.shape[-1]
-
-
-jax.tree_util.register_dataclass(
-    SVDQuantWeights, data_fields=["smooth", "residual", "lora_a", "lora_b", "bias", "residual_q"],
-    meta_fields=[])
-
-
-def plain_weights(kernel: Array, bias: Array | None = None, smooth: Array | None = None) -> SVDQuantWeights:
-  """A layer without low-rank branch (rank 0): ``R = diag(λ) W`` (λ = ones by default)."""
-  k, n = kernel.shape
-  lam = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
-  b = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)
-  return SVDQuantWeights(lam, lam[:, None] * kernel.astype(jnp.float32), jnp.zeros((k, 0), jnp.float32),
-                         jnp.zeros((0, n), jnp.float32), b)
-
-
-def act_shift(fmt: QuantFormat, shift: float) -> float:
-  """The activation shift δ actually applied: ``shift`` for INT4 activations, else 0.
-
-  Nunchaku shifts the fc2 input (GELU output) only in its INT4 path; other formats quantize the
-  signed input directly.
-  """
-  return float(shift) if fmt.act == "int4" else 0.0
-
-
-def quantized_residual(w: SVDQuantWeights, fmt: QuantFormat) -> Array:
-  """``Qw(R) [K, N]`` in float32 (from ``residual_q`` when set)."""
-  if w.residual_q is not None:
-    return dequantize_weight(w.residual_q, fmt, jnp.float32)
-  return fake_quant_weight(w.residual.astype(jnp.float32), fmt)
-
-
-def effective_bias(w: SVDQuantWeights, fmt: QuantFormat, shift: float = 0.0) -> Array:
-  """``b_eff = b - δ 1ᵀ Qw(R)`` ``[N]``: the bias of the deployed layer."""
-  delta = act_shift(fmt, shift)
-  if not delta:
-    return w.bias
-  return w.bias - delta * jnp.sum(quantized_residual(w, fmt), axis=0)
-
-
-def to_lora_down(w: SVDQuantWeights) -> Array:
-  """The deployed down-projection ``diag(1/λ) A [K, r]``: reads the raw (unsmoothed) input."""
-  return true_divide(w.lora_a, w.smooth[:, None])
-
-
-def fake_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 0.0,
-                 precision: Any = PRECISION) -> Array:
-  """The canonical SVDQuant linear with fake quantizers.
-
-  ``y = Qa(x̂ + δ) Qw(R) + (x̂ A) B + b - δ 1ᵀ Qw(R)``, ``x̂ = x / λ``. The branch reads the
-  unquantized ``x̂``; everything is computed in float32.
-
-  Args:
-    x: ``[..., K]``.
-    w: the layer.
-    fmt: quantization format (``fmt.act is None``: weight-only, ``Qa`` is the identity).
-    shift: δ for the unsigned INT4 fc2 input (:data:`GELU_SHIFT`); a static Python float,
-      ignored (δ = 0) unless ``fmt.act == "int4"``.
-    precision: matmul precision.
-
-  Returns:
-    ``[..., N]`` in ``x.dtype``.
-  """
-  delta = act_shift(fmt, shift)
-  x_hat = true_divide(x.astype(jnp.float32), w.smooth)  # IEEE, as the deployed kernels divide
-  qa = fake_quant_act(x_hat + delta if delta else x_hat, fmt, unsigned=delta > 0)
-  qw = quantized_residual(w, fmt)
-  y = jnp.dot(qa, qw, precision=precision)
-  if w.rank:
-    y = y + jnp.dot(jnp.dot(x_hat, w.lora_a, precision=precision), w.lora_b, precision=precision)
-  y = y + w.bias
-  if delta:
-    y = y - delta * jnp.sum(qw, axis=0)
-  return y.astype(x.dtype)
-
-
-def as_traceable_loss(loss_fn: Callable) -> Callable:
-  """Makes ``loss_fn`` a valid ``jax.jit`` argument.
-
-  A pytree callable (``jax.tree_util.Partial`` of a module-level function, or a registered
-  dataclass with ``__call__`` such as :class:`~svdquant_jax.quant.smooth.LinearOutputLoss`) passes
-  through: its arrays are traced, so one compilation serves every call with the same shapes.
-  A plain function or closure is wrapped in ``Partial``; it is then part of the compilation cache
-  key (a new closure object recompiles, and arrays it closes over become constants).
-  """
-  leaves = jax.tree_util.tree_leaves(loss_fn)
-  if any(callable(leaf) for leaf in leaves):
-    return jax.tree_util.Partial(loss_fn)
-  return loss_fn
 
 
 # ----------------------------------------------------------------------------- whole-layer entry point
@@ -212,11 +77,6 @@ _STATIC = ("fmt", "rank", "smooth", "grid", "lowrank_iters", "early_stop", "gptq
 def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, fmt, rank, smooth, grid,
                          lowrank_iters, early_stop, gptq, shifts, candidate_batch, svd_iters, oversample,
                          gptq_block_size, gptq_damp, hessian_block_rows):
-  # Imported here: these modules build on the types above.
-  from svdquant_jax.quant import gptq as gptq_lib
-  from svdquant_jax.quant import lowrank as lowrank_lib
-  from svdquant_jax.quant import smooth as smooth_lib
-
   k = kernels[0].shape[0]
   x = x_samples.reshape(-1, k).astype(jnp.float32)
   kernels = [w.astype(jnp.float32) for w in kernels]
@@ -374,9 +234,6 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
     QuantizationError: bad shapes, K not divisible by the group size, NaN/Inf inputs, or (GPTQ)
       a Hessian that stays singular after all damping retries, naming ``name``.
   """
-  from svdquant_jax.quant import lowrank as lowrank_lib
-  from svdquant_jax.quant import smooth as smooth_lib
-
   biases, shifts = validate_group_inputs(kernels, biases, x_samples, fmt, rank=rank, lowrank_iters=lowrank_iters,
                                          shifts=shifts, name=name)
   grid = tuple(tuple(float(v) for v in p) for p in (grid if grid is not None else smooth_lib.alpha_beta_grid()))

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svdquant_jax.quant import quantizers as q
+from svdquant_jax.formats import quantizers as q
 
 Array = jax.Array
 
@@ -312,7 +312,7 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
     lora_up: ``B [r, N]``.
     bias: the layer's bias ``b [N]`` or ``None``.
     residual: the float residual ``R = diag(λ) W - A B`` ``[K, N]``, quantized here with
-      :mod:`svdquant_jax.quant.quantizers`. Mutually exclusive with ``codes``/``scales``.
+      :mod:`svdquant_jax.formats.quantizers`. Mutually exclusive with ``codes``/``scales``.
     codes, scales, tensor_scale: an already quantized residual in the quantizers' form:
       int4 ``int8 [K, N]`` + ``[K/G, N]``; nvfp4 ``uint8 [K, N]`` + ``float8 [K/16, N]`` +
       tensor scale (scalar or [1]); int8 ``int8 [K, N]`` + ``[N]`` or ``[1, N]``.

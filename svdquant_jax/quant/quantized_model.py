@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from svdquant_jax.models import checkpoint
 from svdquant_jax.nn import QuantSpec, WeightOnlySpec, replace_dense_params, swap_dense, weight_only_params
-from svdquant_jax.pallas import packing
+from svdquant_jax.formats import packing
 from svdquant_jax.quant.adapters import ModelAdapter
 from svdquant_jax.quant.ptq import QuantizedLayer
 from svdquant_jax.quant.svdquant import quantized_residual
 from svdquant_jax.utils.files import atomic_directory, atomic_write_text, quiet_info_logs, read_json
+from svdquant_jax.utils import trees
+from svdquant_jax.utils.safetensors_io import CheckpointError
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "quant_config.json"
@@ -39,7 +40,7 @@ Spec = QuantSpec | WeightOnlySpec
 _PACKED_FORMAT = {"int4": "int4", "nvfp4": "nvfp4", "int8": "int8"}
 
 
-class QuantizedCheckpointError(checkpoint.CheckpointError):
+class QuantizedCheckpointError(CheckpointError):
   """A saved quantized model is missing, truncated, or was made for another model/config."""
 
 
@@ -117,10 +118,10 @@ def save_quantized(folder: str, params: Mapping[str, Any], specs: Mapping[str, S
     metadata: JSON-serializable identity: at least ``family``, ``model_config`` and
       ``fingerprint`` of the full-precision model, and the PTQ settings.
   """
-  flat = checkpoint.flatten(params)
+  flat = trees.flatten(params)
   # orbax cannot store zero-size arrays (rank-0 branches); their shapes go to the config.
   empty = {k: [list(v.shape), str(v.dtype)] for k, v in flat.items() if int(np.prod(v.shape)) == 0}
-  arrays = checkpoint.unflatten({k: v for k, v in flat.items() if k not in empty})
+  arrays = trees.unflatten({k: v for k, v in flat.items() if k not in empty})
   config = {"format_version": FORMAT_VERSION, **json.loads(json.dumps(metadata, default=str)),
             "layers": {p: _spec_json(s) for p, s in sorted(specs.items())}, "empty_params": empty}
   with atomic_directory(folder) as tmp:
@@ -163,12 +164,12 @@ def load_quantized(folder: str, *, expect: Mapping[str, Any] | None = None,
       arrays = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, "params")))
   except Exception as e:  # orbax raises several types for missing/corrupt data
     raise QuantizedCheckpointError(f"{folder}/params: cannot restore the quantized params: {e}") from e
-  flat = checkpoint.flatten(arrays)
+  flat = trees.flatten(arrays)
   for k, (shape, dtype) in config["empty_params"].items():
     flat[k] = jnp.zeros(shape, jnp.dtype(dtype))
-  params = checkpoint.unflatten(flat)
+  params = trees.unflatten(flat)
   if abstract is not None:
-    checkpoint.validate_tree(params, abstract, what=f"quantized params in {folder}")
+    trees.validate_tree(params, abstract, what=f"quantized params in {folder}")
   specs = {p: _spec_from_json(s) for p, s in config["layers"].items()}
   return params, specs, config
 

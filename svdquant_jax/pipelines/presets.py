@@ -63,13 +63,13 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from svdquant_jax.models import checkpoint
 from svdquant_jax.models.clip import CLIPTextConfig, clip_abstract_params
 from svdquant_jax.models.flux import FLUX_PRESETS, FluxConfig, init_flux_params
 from svdquant_jax.models.pixart import PIXART_PRESETS, PixArtConfig, init_pixart_params
 from svdquant_jax.models.t5 import T5Config, t5_abstract_params
 from svdquant_jax.models.vae import VAEConfig, init_vae_params, vae_preset
 from svdquant_jax.pipelines import schedulers
+from svdquant_jax.utils import trees
 
 FLUX_PIPELINE = "FluxPipeline"
 PIXART_SIGMA_PIPELINE = "PixArtSigmaPipeline"
@@ -154,9 +154,9 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "pixart-sigma": PipelinePreset("pixart-sigma", PIXART_SIGMA_PIPELINE, GENERATION_DEFAULTS["pixart-sigma"], False,
                                    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
     "flux-tiny": PipelinePreset("flux-tiny", FLUX_PIPELINE, GENERATION_DEFAULTS["flux-tiny"], True,
-                                "built in (svdquant_jax.models.presets.tiny_components)", guidance_embeds=True),
+                                "built in (svdquant_jax.pipelines.presets.tiny_components)", guidance_embeds=True),
     "pixart-tiny": PipelinePreset("pixart-tiny", PIXART_SIGMA_PIPELINE, GENERATION_DEFAULTS["pixart-tiny"], True,
-                                  "built in (svdquant_jax.models.presets.tiny_components)"),
+                                  "built in (svdquant_jax.pipelines.presets.tiny_components)"),
 }
 
 
@@ -254,7 +254,7 @@ def _plant(bias: np.ndarray, start: int, width: int, count: int, value: float, r
 
 def structure_flux_params(config: FluxConfig, params: Mapping[str, Any], seed: int) -> dict[str, Any]:
   """Spiked spectra, heavy-tailed rows and planted activation outliers (see the module doc) for FLUX."""
-  flat = {k: np.asarray(v, np.float32) for k, v in checkpoint.flatten(params).items()}
+  flat = {k: np.asarray(v, np.float32) for k, v in trees.flatten(params).items()}
   dim, mlp = config.inner_dim, config.mlp_dim
   rng = _rng(seed, "flux-outliers")
   hidden_outliers = _outlier_channels(rng, dim, max(2, dim // 32))  # shared by all blocks, as in trained DiTs
@@ -280,13 +280,13 @@ def structure_flux_params(config: FluxConfig, params: Mapping[str, Any], seed: i
                                            _VALUE_OUTLIER, rng)
     flat[f"{b}/proj_mlp/bias"] = _plant(flat[f"{b}/proj_mlp/bias"], 0, mlp, max(2, mlp // 64), _MLP_OUTLIER, rng,
                                         signed=False)
-  return checkpoint.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  return trees.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
 def structure_pixart_params(config: PixArtConfig, params: Mapping[str, Any], seed: int) -> dict[str, Any]:
   """The same structure for PixArt: shift / scale rows of each block's ``scale_shift_table``
   (rows 0, 3 shift and 1, 4 scale), self- and cross-attention value biases, ``fc1`` biases."""
-  flat = {k: np.asarray(v, np.float32) for k, v in checkpoint.flatten(params).items()}
+  flat = {k: np.asarray(v, np.float32) for k, v in trees.flatten(params).items()}
   dim, ffn = config.inner_dim, config.ffn_dim
   rng = _rng(seed, "pixart-outliers")
   hidden_outliers = _outlier_channels(rng, dim, max(2, dim // 32))
@@ -305,7 +305,7 @@ def structure_pixart_params(config: PixArtConfig, params: Mapping[str, Any], see
                                              _VALUE_OUTLIER, rng)
     flat[f"{b}/ff/fc1/bias"] = _plant(flat[f"{b}/ff/fc1/bias"], 0, ffn, max(2, ffn // 64), _MLP_OUTLIER, rng,
                                       signed=False)
-  return checkpoint.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  return trees.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
 def init_text_encoder_params(abstract: Mapping[str, Any], seed: int) -> dict[str, Any]:
@@ -315,7 +315,7 @@ def init_text_encoder_params(abstract: Mapping[str, Any], seed: int) -> dict[str
   T5's relative position bias), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2).
   """
   out = {}
-  for path, leaf in checkpoint.flatten(abstract).items():
+  for path, leaf in trees.flatten(abstract).items():
     noise = _rng(seed, path).standard_normal(leaf.shape).astype(np.float32)
     name = path.rsplit("/", 1)[-1]
     if name == "kernel":
@@ -327,7 +327,7 @@ def init_text_encoder_params(abstract: Mapping[str, Any], seed: int) -> dict[str
     else:
       value = np.float32(0.02) * noise
     out[path] = jnp.asarray(value.astype(leaf.dtype))
-  return checkpoint.unflatten(out)
+  return trees.unflatten(out)
 
 
 def _tiny_vae_params(config: VAEConfig, seed: int) -> dict[str, Any]:

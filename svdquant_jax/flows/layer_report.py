@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.quant import gptq, lowrank, smooth
-from svdquant_jax.quant import quantizers as qz
+from svdquant_jax.formats import quantizers as qz
 from svdquant_jax.quant.svdquant import SVDQuantWeights, fake_forward, plain_weights, quantize_linear_group
 from svdquant_jax.utils.files import atomic_write_text
 
