@@ -1,350 +1,48 @@
-"""Checks and times the fused SVDQuant linear against XLA baselines at FLUX.1 1024² shapes.
-
-One run, for every (layer, tokens) shape:
-
-* ``xla_bf16``: ``x @ W`` in bf16 (W ``[K, N]``).
-* ``xla_w4a16``: int4 weight codes (``jnp.int4``) dequantized with group-64 scales, bf16 dot.
-* ``xla_int8_proxy``: the best XLA does unfused: jnp activation quantization (kernel 1 of the
-  reference), an int8 x int8 -> int32 dot with K-major weights, a per-token x per-channel
-  rescale, the rank-r branch ``(x @ L1) @ L2`` and the bias as separate ops. A *cost* proxy: XLA
-  has no efficient group-scaled int8 GEMM, so its numerics are not SVDQuant's.
-* ``reference``: the exact SVDQuant op in XLA (``backend="reference"``; scans over groups).
-* ours: ``triton`` at ranks 32 and 0 with the tile table's config, and with ``--sweep`` every
-  candidate of ``tuning.TRITON_*_CANDIDATES``; plus kernel 1 and kernel 2 timed alone.
-
-Correctness (``--check``, default on): kernel-1 codes and scales must equal the reference's
-bit for bit and the output must agree within relative error 1e-2 (bf16); failures are reported
-in the table and the JSON, and make the exit status 1. (A sweep candidate that does not compile,
-e.g. for lack of shared memory, is reported as skipped.)
-
-Timing (``/work/.library/device/METHOD.md``): warm-up calls, then ``--rounds`` rounds of
-``--iters`` back-to-back calls cycling over ``--rotate`` input sets (activations and weights,
-so that nothing stays in L2 between calls), the device synchronized at the end of each round;
-the median round gives the per-call time. Results: a short table on stdout, full results in
-``--out_dir`` (``results.json``, ``results.md``).
+"""Checks and times the fused SVDQuant linear against XLA baselines at FLUX.1 1024² shapes
+(:mod:`svdquant_jax.flows.kernel_benchmark`).
 
   python launch/benchmark_kernels.py --out_dir=/tmp/bench            # GPU
   python launch/benchmark_kernels.py --smoke --out_dir=/tmp/bench    # CPU: tiny shapes, interpret mode
+
+Prints a short table; writes ``results.json`` and ``results.md`` to ``--out_dir``. Exit status 1
+if a check fails or a table config fails to run.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import json
-import os
-import statistics
 import sys
-import time
-from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from svdquant_jax.flows import kernel_benchmark
+from svdquant_jax.utils import cli
 
-from svdquant_jax.formats import packing
-from svdquant_jax.pallas import reference, triton, tuning  # noqa: E402
-from svdquant_jax.formats import quantizers as q  # noqa: E402
-from svdquant_jax.utils.files import atomic_write_text  # noqa: E402
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", None, "Where results.json / results.md are written.", required=True)
-flags.DEFINE_list("layers", ["qkv", "out", "fc1", "fc2", "single_in", "single_out"], "Layers (see LAYERS).")
-flags.DEFINE_list("tokens", [], "Token counts M for every layer (default: the layer's FLUX values).")
-flags.DEFINE_list("ranks", ["32", "0"], "Low-rank branch ranks of our kernels.")
-flags.DEFINE_integer("warmup", 3, "Warm-up calls per implementation.")
-flags.DEFINE_integer("iters", 20, "Back-to-back calls per timing round.")
-flags.DEFINE_integer("rounds", 5, "Timing rounds (the median is reported).")
-flags.DEFINE_integer("rotate", 4, "Input sets cycled through (defeats L2 reuse across calls).")
-flags.DEFINE_bool("sweep", False, "Also time every tile candidate of the tuning module.")
-flags.DEFINE_bool("check", True, "Check our kernels against the reference.")
-flags.DEFINE_bool("baselines", True, "Time the XLA baselines.")
-flags.DEFINE_bool("smoke", False, "CPU smoke test: tiny shapes, Pallas interpret mode, one call.")
-
-# name -> (K, N, block kind, shifted unsigned input)
-LAYERS = {
-    "qkv": (3072, 9216, "double", False),
-    "out": (3072, 3072, "double", False),
-    "fc1": (3072, 12288, "double", False),
-    "fc2": (12288, 3072, "double", True),
-    "single_in": (3072, 21504, "single", False),
-    "single_out": (15360, 3072, "single", False),
-}
-TOKENS = {"double": (4096, 512, 256), "single": (4608, 512, 256)}
-SMOKE_LAYERS = {"smoke_a": (192, 80, "double", False), "smoke_b": (128, 96, "double", True)}
-RTOL = 1e-2
-
-
-@dataclasses.dataclass
-class Result:
-  layer: str
-  m: int
-  k: int
-  n: int
-  impl: str
-  rank: int | None = None
-  config: str | None = None
-  median_us: float | None = None
-  min_us: float | None = None
-  max_us: float | None = None
-  tops: float | None = None
-  rel_err: float | None = None
-  codes_exact: bool | None = None
-  sweep: bool = False
-  error: str | None = None
-
-
-def _time(fn: Callable[..., Any], arg_sets: list[tuple], warmup: int, iters: int, rounds: int
-          ) -> tuple[float, float, float]:
-  """(median, min, max) seconds per call over ``rounds`` rounds of ``iters`` calls."""
-  for i in range(warmup):
-    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
-  per_call = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    out = None
-    for i in range(iters):
-      out = fn(*arg_sets[i % len(arg_sets)])
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - start) / iters)
-  return statistics.median(per_call), min(per_call), max(per_call)
-
-
-def _layer_sets(rng: np.random.Generator, k: int, n: int, rank: int, shift: float, count: int, dtype: Any
-                ) -> list[dict[str, Any]]:
-  """``count`` random layers: the float kernel and its SVDQuant form (through the real constructor)."""
-  sets = []
-  for _ in range(count):
-    w = jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02, dtype)
-    lam = jnp.asarray(np.exp(rng.uniform(-1, 1, k)).astype(np.float32), dtype)
-    a = jnp.asarray(rng.standard_normal((k, rank), np.float32) * 0.02, dtype)
-    b = jnp.asarray(rng.standard_normal((rank, n), np.float32) * 0.02, dtype)
-    bias = jnp.asarray(rng.standard_normal(n, np.float32) * 0.1, dtype)
-    ql = packing.from_float(w, bias, lam, a, b, shift=shift)
-    w_codes, w_scales = q.quantize_int4_weight(w, 64)
-    sets.append({"w": w, "bias": bias, "ql": ql, "w4_codes": w_codes.astype(jnp.int4), "w4_scales": w_scales,
-                 "w8_nk": ql.weight_codes().T, "w8_scale": jnp.max(ql.wscales.astype(jnp.float32), axis=0)})
-  return sets
-
-
-def _x_sets(rng: np.random.Generator, m: int, k: int, count: int, dtype: Any, gelu: bool) -> list[jax.Array]:
-  out = []
-  for _ in range(count):
-    x = rng.standard_normal((m, k), np.float32)
-    x[:, rng.choice(k, max(1, k // 64), replace=False)] *= 10.0
-    x = jnp.asarray(x, dtype)
-    out.append(jax.nn.gelu(x, approximate=True) if gelu else x)
-  return out
-
-
-@jax.jit
-def xla_bf16(x, layer):
-  return jnp.dot(x, layer["w"], preferred_element_type=jnp.float32).astype(x.dtype) + layer["bias"]
-
-
-@jax.jit
-def xla_w4a16(x, layer):
-  codes, scales = layer["w4_codes"], layer["w4_scales"]
-  k, n = codes.shape
-  w = (codes.astype(x.dtype).reshape(k // 64, 64, n) * scales[:, None, :]).reshape(k, n)
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype) + layer["bias"]
-
-
-@jax.jit
-def xla_int8_proxy(x, layer):
-  ql = layer["ql"]
-  acts = reference.quantize_activations(x, ql)
-  s_x = jnp.max(acts.scales.astype(jnp.float32), axis=1, keepdims=True)
-  acc = jax.lax.dot_general(acts.codes, layer["w8_nk"], (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-  y = acc.astype(jnp.float32) * s_x * layer["w8_scale"][None, :]
-  if ql.rank:
-    y = y + jnp.dot(jnp.dot(x, ql.lora_down), ql.lora_up, preferred_element_type=jnp.float32)
-  return (y + ql.bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def _ours(config: tuning.TritonConfig, interpret: bool) -> Callable:
-  return jax.jit(lambda x, layer: triton.svdquant_linear_triton(x, layer["ql"], config=config, interpret=interpret))
-
-
-def _kernel1(config: tuning.TritonConfig, interpret: bool) -> Callable:
-  def run(x, layer):
-    m_pad = triton.padded_rows(x.shape[0], config)
-    return triton.quantize_activations(x, layer["ql"], config.quantize, m_pad=m_pad, interpret=interpret)
-  return jax.jit(run)
-
-
-def _kernel2(config: tuning.TritonConfig, interpret: bool) -> Callable:
-  def run(acts, layer):
-    codes, scales, parts = acts
-    m = codes.shape[0]  # padded rows; the store mask does not matter for timing
-    return triton.gemm(codes, scales, parts, layer["ql"], m, jnp.bfloat16, config.gemm, interpret=interpret)
-  return jax.jit(run)
-
-
-def _check(x: jax.Array, layer: dict[str, Any], config: tuning.TritonConfig, interpret: bool
-           ) -> tuple[float, bool]:
-  """(relative error of the output vs the reference, kernel-1 codes and scales bit-exact)."""
-  ql = layer["ql"]
-  m = x.shape[0]
-  y = _ours(config, interpret)(x, layer)
-  want = jax.jit(reference.svdquant_linear_reference)(x, ql)
-  yf, wf = np.asarray(y.astype(jnp.float32), np.float64), np.asarray(want.astype(jnp.float32), np.float64)
-  err = float(np.linalg.norm(yf - wf) / np.linalg.norm(wf)) if np.isfinite(yf).all() else float("inf")
-  codes, scales, _ = _kernel1(config, interpret)(x, layer)
-  ref = jax.jit(reference.quantize_activations)(x, ql)
-  got_codes = packing.unpack_int4(codes[:m], signed=not ql.act_unsigned)
-  exact = bool(jnp.all(got_codes == ref.codes)) and bool(jnp.all(scales[:, :m].T == ref.scales))
-  return err, exact
-
-
-def _configs(m: int, n: int, k: int, interpret: bool, sweep: bool) -> list[tuning.TritonConfig]:
-  base = tuning.triton_config(m, n, k, interpret=interpret)
-  configs = [base]
-  if sweep:
-    for g in tuning.TRITON_GEMM_CANDIDATES:
-      if g != base.gemm:
-        configs.append(tuning.TritonConfig(base.quantize, g, "sweep"))
-    for qt in tuning.TRITON_QUANTIZE_CANDIDATES:
-      if qt != base.quantize:
-        configs.append(tuning.TritonConfig(qt, base.gemm, "sweep"))
-  return configs
-
-
-def _safe(record: Result, fn: Callable[[], None]) -> None:
-  try:
-    fn()
-  except Exception as e:  # A failing implementation is reported, the run goes on.
-    record.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-
-
-def benchmark_shape(layer_name: str, k: int, n: int, m: int, shifted: bool, interpret: bool) -> list[Result]:
-  rng = np.random.default_rng(m * 7 + k + n)
-  dtype = jnp.bfloat16
-  shift = q.GELU_SHIFT if shifted else 0.0
-  reps = dict(warmup=FLAGS.warmup, iters=FLAGS.iters, rounds=FLAGS.rounds)
-  ops = 2.0 * m * k * n
-  xs = _x_sets(rng, m, k, FLAGS.rotate, dtype, gelu=shifted)
-  results: list[Result] = []
-
-  def timed(impl: str, fn: Callable, arg_sets: list[tuple], rank: int | None = None, config: str | None = None,
-            sweep: bool = False) -> Result:
-    r = Result(layer_name, m, k, n, impl, rank, config, sweep=sweep)
-
-    def run():
-      med, lo, hi = _time(fn, arg_sets, **reps)
-      r.median_us, r.min_us, r.max_us, r.tops = med * 1e6, lo * 1e6, hi * 1e6, ops / med / 1e12
-    _safe(r, run)
-    results.append(r)
-    return r
-
-  for rank in [int(v) for v in FLAGS.ranks]:
-    layers = _layer_sets(rng, k, n, rank, shift, FLAGS.rotate, dtype)
-    args = [(xs[i], layers[i]) for i in range(FLAGS.rotate)]
-    if FLAGS.baselines and rank == int(FLAGS.ranks[0]):
-      timed("xla_bf16", xla_bf16, args)
-      timed("xla_w4a16", xla_w4a16, args)
-      timed("xla_int8_proxy", xla_int8_proxy, args, rank)
-      timed("reference", jax.jit(lambda x, layer: reference.svdquant_linear_reference(x, layer["ql"])), args, rank)
-    for cfg in _configs(m, n, k, interpret, FLAGS.sweep):
-      r = timed("triton", _ours(cfg, interpret), args, rank, cfg.name, sweep=cfg.source == "sweep")
-      if FLAGS.check and cfg.source != "sweep" and r.error is None:
-        def check(r=r, cfg=cfg):
-          r.rel_err, r.codes_exact = _check(xs[0], layers[0], cfg, interpret)
-          if not (r.codes_exact and r.rel_err <= RTOL):
-            r.error = f"check failed: rel_err={r.rel_err:.3e}, codes_exact={r.codes_exact}"
-        _safe(r, check)
-      if cfg.source != "sweep":
-        k1 = _kernel1(cfg, interpret)
-        timed("triton_kernel1", k1, args, rank, cfg.name)
-        acts = [jax.block_until_ready(k1(*a)) for a in args]
-        timed("triton_kernel2", _kernel2(cfg, interpret), [(acts[i], layers[i]) for i in range(FLAGS.rotate)],
-              rank, cfg.name)
-  return results
-
-
-def _fmt_us(v: float | None) -> str:
-  return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
-
-
-def summary_table(results: list[Result]) -> str:
-  """Per shape: the baselines, our best config at each rank, and ours vs each baseline."""
-  lines = ["| layer | M | K x N | xla bf16 us | w4a16 us | int8 proxy us | ours r32 us | ours r0 us | "
-           "bf16/ours r32 | w4a16/ours r32 | proxy/ours r32 | check |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  shapes = []
-  for r in results:
-    if (r.layer, r.m) not in shapes:
-      shapes.append((r.layer, r.m))
-  for layer, m in shapes:
-    rs = [r for r in results if r.layer == layer and r.m == m]
-    base = {r.impl: r.median_us for r in rs if r.rank in (None, 32, 0) and r.impl.startswith("xla")}
-
-    def best(rank: int) -> float | None:
-      times = [r.median_us for r in rs if r.impl == "triton" and r.rank == rank and r.median_us is not None]
-      return min(times) if times else None
-
-    o32, o0 = best(32), best(0)
-    ratio = lambda b: "-" if b is None or o32 is None else f"{b / o32:.2f}x"
-    checks = [r for r in rs if r.impl == "triton" and r.rel_err is not None]
-    failed = [r for r in rs if r.error and not r.sweep]
-    check = "FAIL" if failed else ("ok " + ", ".join(f"{r.rel_err:.1e}" for r in checks) if checks else "-")
-    k, n = rs[0].k, rs[0].n
-    lines.append(f"| {layer} | {m} | {k}x{n} | {_fmt_us(base.get('xla_bf16'))} | {_fmt_us(base.get('xla_w4a16'))} | "
-                 f"{_fmt_us(base.get('xla_int8_proxy'))} | {_fmt_us(o32)} | {_fmt_us(o0)} | "
-                 f"{ratio(base.get('xla_bf16'))} | {ratio(base.get('xla_w4a16'))} | "
-                 f"{ratio(base.get('xla_int8_proxy'))} | {check} |")
-  return "\n".join(lines)
-
-
-def full_table(results: list[Result]) -> str:
-  lines = ["| layer | M | K | N | impl | rank | config | median us | min us | max us | TOP/s | rel err | "
-           "codes exact | sweep | error |", "|" + "---|" * 15]
-  for r in results:
-    lines.append(f"| {r.layer} | {r.m} | {r.k} | {r.n} | {r.impl} | {'' if r.rank is None else r.rank} | "
-                 f"{r.config or ''} | {_fmt_us(r.median_us)} | {_fmt_us(r.min_us)} | {_fmt_us(r.max_us)} | "
-                 f"{'' if r.tops is None else f'{r.tops:.0f}'} | "
-                 f"{'' if r.rel_err is None else f'{r.rel_err:.2e}'} | "
-                 f"{'' if r.codes_exact is None else r.codes_exact} | {'yes' if r.sweep else ''} | {r.error or ''} |")
-  return "\n".join(lines)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where results.json / results.md are written.", required=True)
+_LAYERS = flags.DEFINE_list("layers", ["qkv", "out", "fc1", "fc2", "single_in", "single_out"], "Layers (see LAYERS).")
+_TOKENS = flags.DEFINE_list("tokens", [], "Token counts M for every layer (default: the layer's FLUX values).")
+_RANKS = flags.DEFINE_list("ranks", ["32", "0"], "Low-rank branch ranks of our kernels.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Warm-up calls per implementation.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Back-to-back calls per timing round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds (the median is reported).")
+_ROTATE = flags.DEFINE_integer("rotate", 4, "Input sets cycled through (defeats L2 reuse across calls).")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Also time every tile candidate of the tuning module.")
+_CHECK = flags.DEFINE_bool("check", True, "Check our kernels against the reference.")
+_BASELINES = flags.DEFINE_bool("baselines", True, "Time the XLA baselines.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "CPU smoke test: tiny shapes, Pallas interpret mode, one call.")
 
 
 def main(argv):
   del argv
-  interpret = FLAGS.smoke
-  layers = SMOKE_LAYERS if FLAGS.smoke else {name: LAYERS[name] for name in FLAGS.layers}
-  if FLAGS.smoke:
-    FLAGS.warmup, FLAGS.iters, FLAGS.rounds, FLAGS.rotate = 1, 1, 1, 1
-  elif jax.default_backend() != "gpu":
-    raise app.UsageError("no GPU: run with --smoke for the CPU interpret-mode smoke test")
-  device = jax.devices()[0]
-  env = {"jax": jax.__version__, "device": str(getattr(device, "device_kind", device.platform)),
-         "device_key": "interpret" if interpret else tuning.device_key(device),
-         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "flags": {f: FLAGS[f].value for f in (
-             "layers", "tokens", "ranks", "warmup", "iters", "rounds", "rotate", "sweep", "check", "smoke")}}
-  print(f"# svdquant kernels benchmark: {env}", flush=True)
-  results: list[Result] = []
-  for name, (k, n, kind, shifted) in layers.items():
-    tokens = [int(t) for t in FLAGS.tokens] or ((40,) if FLAGS.smoke else TOKENS[kind])
-    for m in tokens:
-      print(f"## {name} M={m} K={k} N={n}", flush=True)
-      results.extend(benchmark_shape(name, k, n, m, shifted, interpret))
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
-  atomic_write_text(os.path.join(FLAGS.out_dir, "results.json"),
-                    json.dumps({"env": env, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
-  summary = summary_table(results)
-  atomic_write_text(os.path.join(FLAGS.out_dir, "results.md"),
-                    f"# SVDQuant kernels benchmark\n\n`{json.dumps(env)}`\n\n## Summary (median us per call)\n\n"
-                    f"{summary}\n\n## All results\n\n{full_table(results)}\n")
-  print(summary)
-  for r in results:
-    if r.error:
-      print(f"{'skipped sweep config' if r.sweep else 'FAILED'} {r.layer} M={r.m} {r.impl} rank={r.rank} "
-            f"{r.config}: {r.error}")
-  if any(r.error and not r.sweep for r in results):
+  settings = kernel_benchmark.KernelBenchmarkSettings(
+      layers=tuple(_LAYERS.value), tokens=tuple(int(t) for t in _TOKENS.value),
+      ranks=tuple(int(r) for r in _RANKS.value), warmup=_WARMUP.value, iters=_ITERS.value, rounds=_ROUNDS.value,
+      rotate=_ROTATE.value, sweep=_SWEEP.value, check=_CHECK.value, baselines=_BASELINES.value, smoke=_SMOKE.value)
+  result = kernel_benchmark.run(settings)
+  kernel_benchmark.write_results(result, _OUT_DIR.value)
+  print(kernel_benchmark.format_table(result))
+  for line in kernel_benchmark.error_lines(result):
+    print(line)
+  if kernel_benchmark.failed(result):
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,10 +1,11 @@
-"""Layer-level evidence for SVDQuant: error tables and singular spectra on a synthetic layer.
+"""Layer-level evidence for SVDQuant: error tables, singular spectra and a rank sweep on a synthetic layer.
 
 Quantizes one seeded FLUX-like linear layer (scaled down; a few 10-100x activation outlier
 channels, heavy-tailed weight rows) with RTN, smoothing only, SVD only, LoRC, smoothing + LoRC,
 SVDQuant one-shot / + alternating refinement / + GPTQ (INT4 g64 and NVFP4 g16), the W4A16 and
-W8A8 baselines, and a rank sweep; prints the tables and writes ``layer_report.md`` and
-``spectra.png`` (singular values of W, diag(λ) W and the residual R) to ``--out_dir``.
+W8A8 baselines, and a rank sweep; prints the tables and writes ``layer_report.md``,
+``spectra.png`` (singular values of W, diag(λ) W and the residual R) and ``rank_sweep.png`` to
+``--out_dir``. The work is :func:`svdquant_jax.flows.layer_report.make_and_write_report`.
 
     python launch/layer_report.py --out_dir=outputs/layer_report
     python launch/layer_report.py --format=int4 --rows=2048 --k=512 --n=1536 --seed=1
@@ -17,16 +18,11 @@ import shlex
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from svdquant_jax.flows import layer_report as rp
 
-from svdquant_jax.flows import layer_report as rp  # noqa: E402
-from svdquant_jax.quant import smooth  # noqa: E402
-
-flags.DEFINE_string("out_dir", "outputs/layer_report", "Directory for layer_report.md and spectra.png.")
+flags.DEFINE_string("out_dir", "outputs/layer_report", "Directory for layer_report.md, spectra.png, rank_sweep.png.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic layer.")
 flags.DEFINE_integer("rows", 512, "Calibration tokens (the same number of held-out tokens is drawn).")
 flags.DEFINE_integer("k", 256, "Input features K (FLUX: 3072; default: / 12).")
@@ -41,20 +37,19 @@ flags.DEFINE_list("ranks", [str(r) for r in rp.RANKS], "Ranks of the sweep (empt
 flags.DEFINE_integer("sweep_lowrank_iters", 1, "Alternating iterations per rank in the sweep (1: one-shot "
                      "SVDQuant, which keeps the report under a minute on a CPU; 100 refines each rank).")
 FLAGS = flags.FLAGS
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # only to print the command relative to it
 
 
 def main(argv):
   del argv
-  formats = ("int4", "nvfp4") if FLAGS.format == "both" else (FLAGS.format,)
   start = time.time()
-  layer = rp.make_synthetic_layer(FLAGS.seed, FLAGS.rows, FLAGS.k, FLAGS.n)
-  report = rp.run_layer_report(layer, formats=formats, rank=FLAGS.rank, ranks=tuple(int(r) for r in FLAGS.ranks),
-                               grid=smooth.alpha_beta_grid(FLAGS.num_grids), lowrank_iters=FLAGS.lowrank_iters,
-                               sweep_lowrank_iters=FLAGS.sweep_lowrank_iters,
-                               sweep_formats=formats if FLAGS.sweep_all_formats else formats[:1])
   command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], _REPO)] + sys.argv[1:])
+  report, paths = rp.make_and_write_report(
+      FLAGS.out_dir, seed=FLAGS.seed, rows=FLAGS.rows, k=FLAGS.k, n=FLAGS.n,
+      formats=("int4", "nvfp4") if FLAGS.format == "both" else (FLAGS.format,), rank=FLAGS.rank,
+      lowrank_iters=FLAGS.lowrank_iters, num_grids=FLAGS.num_grids, ranks=[int(r) for r in FLAGS.ranks],
+      sweep_lowrank_iters=FLAGS.sweep_lowrank_iters, sweep_all_formats=FLAGS.sweep_all_formats, command=command)
   print(rp.report_markdown(report, command))
-  paths = rp.write_report(report, FLAGS.out_dir, command)
   print(f"wrote {', '.join(paths.values())} in {time.time() - start:.1f} s")
 
 

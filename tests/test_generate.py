@@ -1,40 +1,40 @@
-"""The generate command (launch/generate.py) on flux-tiny: files, determinism, batch independence."""
+"""The generate command (launch/generate.py, flows/generation.py) on flux-tiny: files, determinism,
+batch independence."""
 
 import json
 import os
+import pathlib
+import subprocess
 import sys
-from unittest import mock
 
 import numpy as np
 import pytest
-from absl import flags
 
-from configs import generate as generate_config
-from launch import generate
+from svdquant_jax.flows import generation as generate
 from svdquant_jax.pipelines.loading import load_pipeline
 from svdquant_jax.pipelines.prompts import BUILTIN_PROMPTS, prompt_seed
-from svdquant_jax.utils.png import read_png
+from svdquant_jax.pipelines.images import read_png
 
 PROMPTS = ["A red bicycle leaning against a brick wall.", "Two zebras grazing at sunset."]
 SIZE, STEPS = 64, 2
 
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
 def _run_main(out_dir, *overrides: str) -> dict:
-  """Parses the command's flags (once per process: absl defines the override flags on the first parse)
-  and runs its ``main`` in-process."""
-  argv = ["generate", f"--config={generate.DEFAULT_CONFIG}", f"--config.output_dir={out_dir}",
+  """Runs the command as a user does (a subprocess of ``launch/generate.py``)."""
+  argv = [sys.executable, str(ROOT / "launch" / "generate.py"), f"--config.output_dir={out_dir}",
           f"--config.num_steps={STEPS}", f"--config.height={SIZE}", f"--config.width={SIZE}",
           "--config.progress=false", *overrides]
-  generate.define_flags()
-  with mock.patch.object(sys, "argv", argv):  # ml_collections reads the --config.<field> overrides from sys.argv
-    flags.FLAGS(argv)
-    generate.main(["generate"])
+  done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
   return _result(out_dir)
 
 
 def _run(out_dir, **fields) -> dict:
-  """``generate.run`` on the command's default config with ``fields`` changed."""
-  config = generate_config.get_config()
+  """``generation.run`` on the command's default config with ``fields`` changed."""
+  config = generate.default_config()
   config.update(dict(output_dir=str(out_dir), num_steps=STEPS, height=SIZE, width=SIZE, progress=False, **fields))
   generate.run(config)
   return _result(out_dir)

@@ -1,4 +1,5 @@
-"""PNG I/O (against PIL), to_uint8 (against diffusers), contact sheets, prompt lists and seeds."""
+"""PNG I/O (Pillow, checked against an independent zlib decode), to_uint8 (against diffusers), contact
+sheets, prompt lists and seeds."""
 
 import io
 import json
@@ -17,7 +18,6 @@ from PIL import Image
 
 from svdquant_jax.pipelines import images as I
 from svdquant_jax.pipelines import prompts as P
-from svdquant_jax.utils import png
 
 _PIL_MODE = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
@@ -33,46 +33,84 @@ def _test_image(h, w, c, seed=0):
   return image
 
 
-def _filter_types(data: bytes) -> set:
-  """The filter-type bytes of a PNG's scanlines (a minimal independent chunk walk)."""
-  pos, idat, header = 8, b"", None
+def _chunks(data: bytes) -> list:
+  """``(kind, body)`` of every chunk of a PNG (a minimal independent chunk walk)."""
+  pos, out = 8, []
   while pos < len(data):
     (length,) = struct.unpack(">I", data[pos:pos + 4])
-    kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+    out.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]))
     pos += 12 + length
-    if kind == b"IHDR":
-      header = struct.unpack(">IIBBBBB", body)
-    elif kind == b"IDAT":
-      idat += body
-  width, height, _, color_type, *_ = header
+  return out
+
+
+def _scanlines(data: bytes) -> np.ndarray:
+  """The filtered scanlines of an 8-bit non-interlaced PNG: uint8 [H, 1 + W * C] (filter byte first)."""
+  chunks = _chunks(data)
+  width, height, depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+  assert (depth, interlace) == (8, 0)
   bpp = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
-  rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * bpp)
-  return set(rows[:, 0].tolist())
+  idat = b"".join(body for kind, body in chunks if kind == b"IDAT")
+  return np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * bpp)
 
 
-def _pil_decode(data: bytes) -> np.ndarray:
-  array = np.asarray(Image.open(io.BytesIO(data)))
-  return array[:, :, None] if array.ndim == 2 else array
+def _reference_decode(data: bytes) -> np.ndarray:
+  """An independent (slow, pixel-by-pixel) PNG unfilter, so that the round trip is not Pillow vs Pillow."""
+  chunks = _chunks(data)
+  width, height, _, color_type, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
+  bpp = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
+  rows = _scanlines(data).astype(np.int64)
+  out = np.zeros((height, width * bpp), np.int64)
+  for r in range(height):
+    kind, line = rows[r, 0], rows[r, 1:]
+    for i in range(width * bpp):
+      a = out[r, i - bpp] if i >= bpp else 0
+      b = out[r - 1, i] if r else 0
+      c = out[r - 1, i - bpp] if r and i >= bpp else 0
+      p = a + b - c
+      paeth = a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else (b if abs(p - b) <= abs(p - c) else c)
+      out[r, i] = (line[i] + (0, a, b, (a + b) // 2, paeth)[kind]) % 256
+  return out.reshape(height, width, bpp).astype(np.uint8)
+
+
+def _with_chunk_patched(data: bytes, kind: bytes, patch) -> bytes:
+  """Rewrites one chunk's body with ``patch(body)`` and recomputes its CRC."""
+  out = [data[:8]]
+  for k, body in _chunks(data):
+    if k == kind:
+      body = patch(body)
+    out.append(struct.pack(">I", len(body)) + k + body + struct.pack(">I", zlib.crc32(k + body)))
+  return b"".join(out)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (33, 5, 4), (16, 9, 1), (5, 8, 2), (12, 31, 4)])
-def test_png_round_trip_and_pil_reads_ours(tmp_path, shape):
+def test_png_round_trip_is_bit_exact(tmp_path, shape):
   image = _test_image(*shape)
   path = tmp_path / "x.png"
-  png.write_png(path, image)
-  np.testing.assert_array_equal(png.read_png(path), image)
-  np.testing.assert_array_equal(_pil_decode(path.read_bytes()), image)
-  for filter_type in range(5):  # each filter on its own, decoded by PIL and by us
-    data = png.encode_png(image, compress_level=9, filter_type=filter_type)
-    assert _filter_types(data) == {filter_type}
-    np.testing.assert_array_equal(_pil_decode(data), image)
-    np.testing.assert_array_equal(png.decode_png(data), image)
+  I.write_png(path, image)
+  data = path.read_bytes()
+  assert data.startswith(b"\x89PNG\r\n\x1a\n")
+  back = I.read_png(path)
+  assert back.dtype == np.uint8 and back.shape == shape
+  np.testing.assert_array_equal(back, image)
+  np.testing.assert_array_equal(_reference_decode(data), image)  # a decoder that is not Pillow agrees
+  for level in (0, 1, 9):
+    I.write_png(path, image, compress_level=level)
+    np.testing.assert_array_equal(I.read_png(path), image)
   assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary files left
 
 
-def test_png_two_dimensional_input_is_gray():
-  image = _test_image(6, 7, 1)[:, :, 0]
-  np.testing.assert_array_equal(png.decode_png(png.encode_png(image))[:, :, 0], image)
+def test_png_round_trip_of_random_images(tmp_path):
+  rng = np.random.default_rng(1)
+  for k in range(20):
+    h, w, c = int(rng.integers(1, 70)), int(rng.integers(1, 70)), int(rng.choice([1, 2, 3, 4]))
+    image = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    I.write_png(tmp_path / f"{k}.png", image)
+    np.testing.assert_array_equal(I.read_png(tmp_path / f"{k}.png"), image, err_msg=f"{image.shape}")
+  # [H, W] is gray; jax arrays are accepted.
+  gray = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+  I.write_png(tmp_path / "g.png", jnp.asarray(gray))
+  np.testing.assert_array_equal(I.read_png(tmp_path / "g.png", channels=1)[:, :, 0], gray)
+  np.testing.assert_array_equal(I.decode_png((tmp_path / "g.png").read_bytes())[:, :, 0], gray)
 
 
 def test_reads_pil_written_pngs_with_every_filter(tmp_path):
@@ -84,61 +122,109 @@ def test_reads_pil_written_pngs_with_every_filter(tmp_path):
                     {"compress_level": 9}]:
       path = tmp_path / f"{mode}-{len(options) and list(options.values())[0]}.png"
       pil_image.save(path, format="PNG", **options)
-      seen_filters |= _filter_types(path.read_bytes())
-      np.testing.assert_array_equal(png.read_png(path), image, err_msg=f"{mode} {options}")
+      seen_filters |= set(_scanlines(path.read_bytes())[:, 0].tolist())
+      np.testing.assert_array_equal(I.read_png(path), image, err_msg=f"{mode} {options}")
   assert seen_filters == {0, 1, 2, 3, 4}  # the PIL files exercised all five filters
 
 
-def _with_chunk_patched(data: bytes, kind: bytes, patch) -> bytes:
-  """Rewrites one chunk's body with ``patch(body)`` and recomputes its CRC."""
-  pos, out = 8, [data[:8]]
-  while pos < len(data):
-    (length,) = struct.unpack(">I", data[pos:pos + 4])
-    k, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-    if k == kind:
-      body = patch(body)
-    out.append(struct.pack(">I", len(body)) + k + body + struct.pack(">I", zlib.crc32(k + body)))
-    pos += 12 + length
-  return b"".join(out)
+def test_reads_interlaced_pngs(tmp_path):
+  # A 1 x 1 image has the same bytes interlaced or not; only the header's interlace flag differs.
+  pixel = np.array([[[10, 20, 30]]], np.uint8)
+  I.write_png(tmp_path / "p.png", pixel)
+  interlaced = _with_chunk_patched((tmp_path / "p.png").read_bytes(), b"IHDR", lambda b: b[:12] + b"\x01")
+  (tmp_path / "i.png").write_bytes(interlaced)
+  with Image.open(tmp_path / "i.png") as pil:
+    assert pil.info.get("interlace") == 1
+  np.testing.assert_array_equal(I.read_png(tmp_path / "i.png"), pixel)
 
 
-def test_png_errors(tmp_path):
-  good = png.encode_png(_test_image(9, 10, 3))
+def test_write_png_is_atomic(tmp_path, monkeypatch):
+  path = tmp_path / "x.png"
+  old = _test_image(8, 9, 3, seed=1)
+  I.write_png(path, old)
+  before = path.read_bytes()
+
+  def failing_save(self, fp, *args, **kwargs):
+    fp.write(b"\x89PNG\r\n\x1a\n partial")  # some bytes reach the temporary file, then the encoder dies
+    raise OSError("disk full")
+
+  monkeypatch.setattr(Image.Image, "save", failing_save)
+  with pytest.raises(OSError, match="disk full"):
+    I.write_png(path, _test_image(8, 9, 3, seed=2))
+  with pytest.raises(OSError, match="disk full"):
+    I.write_png(tmp_path / "new.png", old)
+  monkeypatch.undo()
+  assert path.read_bytes() == before  # the previous file is untouched
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no partial new.png, no temporary file
+  np.testing.assert_array_equal(I.read_png(path), old)
+  # Bad arrays are refused before anything is opened.
+  with pytest.raises(I.PNGError, match="uint8"):
+    I.write_png(tmp_path / "f.png", np.zeros((2, 2, 3), np.float32))
+  with pytest.raises(I.PNGError, match="C in"):
+    I.write_png(tmp_path / "f.png", np.zeros((2, 2, 5), np.uint8))
+  with pytest.raises(I.PNGError, match="non-empty"):
+    I.write_png(tmp_path / "f.png", np.zeros((0, 2, 3), np.uint8))
+  with pytest.raises(I.PNGError, match="compress_level"):
+    I.write_png(tmp_path / "f.png", old, compress_level=10)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_png_errors_name_the_file(tmp_path):
+  good_path = tmp_path / "good.png"
+  I.write_png(good_path, _test_image(9, 10, 3))
+  good = good_path.read_bytes()
+
+  def read(name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return I.read_png(path), str(path)
+
+  def raises(name, data, match):
+    path = str(tmp_path / name)
+    with pytest.raises(I.PNGError, match=match) as info:
+      read(name, data)
+    assert path in str(info.value), str(info.value)
+    assert isinstance(info.value, ValueError)
+
+  for cut in (20, 40, 60, len(good) // 2, len(good) - 12, len(good) - 1):  # every kind of partial file
+    raises(f"cut{cut}.png", good[:cut], "truncated")
   corrupt = bytearray(good)
-  corrupt[45] ^= 0xFF  # inside the IDAT body
-  with pytest.raises(png.PNGError, match="CRC mismatch"):
-    png.decode_png(bytes(corrupt))
-  with pytest.raises(png.PNGError, match="truncated"):
-    png.decode_png(good[:60])
-  with pytest.raises(png.PNGError, match="no IEND"):
-    png.decode_png(good[:-12])
-  with pytest.raises(png.PNGError, match="signature"):
-    png.decode_png(b"GIF89a" + good[6:])
-  interlaced = _with_chunk_patched(good, b"IHDR", lambda b: b[:12] + b"\x01")
-  with pytest.raises(png.PNGError, match="interlaced"):
-    png.decode_png(interlaced)
-  taller = _with_chunk_patched(good, b"IHDR", lambda b: b[:4] + struct.pack(">I", 11) + b[8:])
-  with pytest.raises(png.PNGError, match="expected"):
-    png.decode_png(taller)
-  bad_filter = _with_chunk_patched(
-      good, b"IDAT", lambda b: zlib.compress(b"\x07" + zlib.decompress(b)[1:]))
-  with pytest.raises(png.PNGError, match="invalid filter type 7"):
-    png.decode_png(bad_filter)
+  corrupt[45] ^= 0xFF  # inside the IDAT body: the CRC no longer matches
+  raises("crc.png", bytes(corrupt), "corrupt")
+  raises("empty.png", b"", "empty file")
+  raises("gif.png", b"GIF89a" + good[6:], "not a PNG")
+  raises("text.png", b"hello, world\n" * 10, "not a PNG")
+  jpeg = io.BytesIO()
+  Image.fromarray(_test_image(8, 8, 3)).save(jpeg, format="JPEG")
+  raises("photo.png", jpeg.getvalue(), "not a PNG")
+  bad_filter = _with_chunk_patched(good, b"IDAT", lambda b: zlib.compress(b"\x07" + zlib.decompress(b)[1:]))
+  raises("bad_filter.png", bad_filter, "corrupt")  # filter type 7 does not exist
+  # Valid PNGs that would need a conversion are refused, not converted.
   buffer = io.BytesIO()
   Image.fromarray(_test_image(8, 8, 3)).convert("P").save(buffer, format="PNG")
-  with pytest.raises(png.PNGError, match="palette"):
-    png.decode_png(buffer.getvalue())
+  raises("palette.png", buffer.getvalue(), "palette")
   buffer = io.BytesIO()
   Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(buffer, format="PNG")
-  with pytest.raises(png.PNGError, match="bit depth 16"):
-    png.decode_png(buffer.getvalue())
-  with pytest.raises(png.PNGError, match="not found"):
-    png.read_png(tmp_path / "missing.png")
-  with pytest.raises(png.PNGError, match="uint8"):
-    png.write_png(tmp_path / "f.png", np.zeros((2, 2, 3), np.float32))
-  with pytest.raises(png.PNGError, match="C in"):
-    png.write_png(tmp_path / "f.png", np.zeros((2, 2, 5), np.uint8))
-  assert not (tmp_path / "f.png").exists()
+  raises("gray16.png", buffer.getvalue(), "16-bit")
+  # 16-bit RGB, which Pillow would silently narrow to 8 bits: the header says depth 16, and each of
+  # the 9 rows holds a filter byte and 10 pixels * 3 samples * 2 bytes.
+  rgb16 = _with_chunk_patched(good, b"IHDR", lambda b: b[:8] + b"\x10" + b[9:])
+  rgb16 = _with_chunk_patched(rgb16, b"IDAT", lambda b: zlib.compress((b"\x00" + bytes(range(60))) * 9))
+  raises("rgb16.png", rgb16, "16-bit")
+  buffer = io.BytesIO()
+  Image.fromarray(_test_image(8, 8, 1)[:, :, 0] > 128).save(buffer, format="PNG")  # 1-bit
+  raises("bilevel.png", buffer.getvalue(), "sub-byte")
+  # The channel count can be required.
+  assert read("rgb.png", good)[0].shape == (9, 10, 3)
+  assert I.read_png(tmp_path / "rgb.png", channels=3).shape == (9, 10, 3)
+  with pytest.raises(I.PNGError, match="expected 4 channel") as info:
+    I.read_png(tmp_path / "rgb.png", channels=4)
+  assert str(tmp_path / "rgb.png") in str(info.value)
+  with pytest.raises(I.PNGError, match="not found") as info:
+    I.read_png(tmp_path / "missing.png")
+  assert str(tmp_path / "missing.png") in str(info.value)
+  with pytest.raises(I.PNGError, match="cannot read"):
+    I.read_png(tmp_path)  # a folder
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -193,7 +279,7 @@ def test_save_contact_sheet_and_images(tmp_path):
   captions = ["a red bicycle", "two\tzebras\nat sunset", "a cat"]
   sheet_path, index_path = I.save_contact_sheet(tmp_path / "sheet.png", images, captions, columns=2, pad=1)
   assert index_path == str(tmp_path / "sheet.png") + ".txt"
-  np.testing.assert_array_equal(png.read_png(sheet_path), I.contact_sheet(images, columns=2, pad=1))
+  np.testing.assert_array_equal(I.read_png(sheet_path), I.contact_sheet(images, columns=2, pad=1))
   with open(index_path, encoding="utf-8") as f:
     lines = f.read().splitlines()
   assert lines == ["row\tcolumn\tindex\tcaption", "0\t0\t0\ta red bicycle",
@@ -202,7 +288,7 @@ def test_save_contact_sheet_and_images(tmp_path):
   paths = I.save_images(tmp_path / "out", images, ["p0", "p1.png", "p 2"])
   assert [os.path.basename(p) for p in paths] == ["p0.png", "p1.png", "p 2.png"]
   for path, image in zip(paths, images):
-    np.testing.assert_array_equal(png.read_png(path), image)
+    np.testing.assert_array_equal(I.read_png(path), image)
   with pytest.raises(ValueError, match="distinct"):
     I.save_images(tmp_path / "out", images, ["a", "a.png", "b"])
   with pytest.raises(ValueError, match="path separators"):

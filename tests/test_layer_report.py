@@ -1,12 +1,21 @@
-"""The layer-level evidence report (svdquant_jax/quant/report.py): expected orderings on a seeded
-synthetic layer, and the written markdown / PNG."""
+"""The layer-level evidence report (svdquant_jax/flows/layer_report.py): expected orderings on a seeded
+synthetic layer, the written markdown and plots (svdquant_jax/flows/plots.py), and the command."""
 
+import os
+import subprocess
+import sys
+
+import matplotlib.colors
 import numpy as np
 import pytest
+from PIL import Image
 
 from svdquant_jax.flows import layer_report as rp
+from svdquant_jax.flows import plots
+from svdquant_jax.pipelines.images import read_png
 from svdquant_jax.quant import smooth
-from svdquant_jax.utils.png import read_png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = ("RTN", "Smoothing only", "SVDQuant (one-shot)", "SVDQuant + alternating", "SVDQuant + GPTQ")
 
@@ -63,7 +72,89 @@ def test_spectra_and_written_report(layer_report, tmp_path):
   text = open(paths["markdown"]).read()
   assert "| SVDQuant + GPTQ |" in text and f"{report.w4a4['int4']['RTN']:.4f}" in text
   assert "--seed=0" in text and "spectra.png" in text
-  image = read_png(paths["png"])
-  assert image.shape == (440, 720, 3) and image.dtype == np.uint8
-  for color in rp._COLORS.values():  # each curve is drawn
-    assert np.all(image == np.asarray(color, np.uint8), axis=-1).sum() > 100
+  assert "![singular values](spectra.png)" in text and "![rank sweep](rank_sweep.png)" in text
+  assert sorted(os.listdir(tmp_path)) == ["layer_report.md", "rank_sweep.png", "spectra.png"]  # no temporary files
+  image = _check_png(paths["spectra"])
+  # The figure write_report drew: one line per spectrum plus the rank marker, each curve visible.
+  fig = plots.plot_spectra(spectra, tmp_path / "again.png", rank=report.rank)
+  ax = fig.axes[0]
+  assert ax.get_yscale() == "log" and ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+  assert [line.get_label() for line in ax.get_lines()] == [plots.SPECTRUM_LABELS[k] for k in ("W", "W_hat", "R")] + [
+      "index r + 1 = 33 (rank r = 32)"]
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label() for line in ax.get_lines()]
+  np.testing.assert_array_equal(read_png(tmp_path / "again.png"), image)  # deterministic
+  for line in ax.get_lines()[:3]:  # each curve is drawn
+    assert _pixels_of(image, line.get_color()) > 100, line.get_label()
+  sweep_image = _check_png(paths["rank_sweep"])
+  fig = plots.plot_rank_sweep(report.sweep, tmp_path / "sweep.png", note=report.sweep_note)
+  (line,) = fig.axes[0].get_lines()
+  np.testing.assert_array_equal(line.get_xdata(), list(rp.RANKS))
+  np.testing.assert_allclose(line.get_ydata(), [report.sweep["int4"][r] for r in rp.RANKS])
+  assert fig.axes[0].get_yscale() == "log" and _pixels_of(sweep_image, line.get_color()) > 100
+
+
+def _check_png(path) -> np.ndarray:
+  """The PNG at ``path`` decodes with Pillow (all chunks verified) and has a readable size."""
+  with Image.open(path) as pil:
+    assert pil.format == "PNG"
+    pil.verify()
+  image = read_png(path)
+  h, w, c = image.shape
+  assert 400 <= h <= 1500 and 600 <= w <= 4000 and c in (3, 4), image.shape
+  assert len(np.unique(image.reshape(-1, c), axis=0)) > 20  # not blank
+  return image
+
+
+def _pixels_of(image: np.ndarray, color) -> int:
+  """How many opaque pixels have exactly ``color`` (a matplotlib color)."""
+  rgb = np.asarray(np.round(np.asarray(matplotlib.colors.to_rgb(color)) * 255), np.uint8)
+  opaque = image[..., 3] == 255 if image.shape[-1] == 4 else True
+  return int((np.all(image[..., :3] == rgb, axis=-1) & opaque).sum())
+
+
+def test_plot_block_errors(tmp_path):
+  blocks = [f"transformer_blocks.{i}" for i in range(4)] + [f"single_transformer_blocks.{i}" for i in range(6)]
+  rng = np.random.default_rng(0)
+  rows = [{"method": method, "block_errors": [(b, scale * float(np.exp(rng.standard_normal()))) for b in blocks]}
+          for method, scale in (("RTN", 0.3), ("SVDQuant", 0.03), ("SVDQuant + GPTQ", 0.02))]
+  rows[2]["block_errors"] = rows[2]["block_errors"][:7]  # a method may cover fewer blocks
+  rows[1]["psnr"] = 30.0  # other keys of a PTQ results row are ignored
+  # A method run without block errors gets no line (the PTQ flow's rows can be passed as they are).
+  fig = plots.plot_block_errors(rows[:2] + [{"method": "FP16", "psnr": float("inf")}] + rows[2:],
+                                tmp_path / "blocks.png")
+  ax = fig.axes[0]
+  assert len(ax.get_lines()) == 3  # one line per method
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ["RTN", "SVDQuant", "SVDQuant + GPTQ"]
+  assert [t.get_text() for t in ax.get_xticklabels()] == blocks
+  assert all(t.get_rotation() > 0 for t in ax.get_xticklabels())
+  assert ax.get_yscale() == "log" and "error" in ax.get_ylabel() and ax.get_xlabel()
+  for line, row in zip(ax.get_lines(), rows):
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(len(row["block_errors"])))
+    np.testing.assert_allclose(line.get_ydata(), [e for _, e in row["block_errors"]])
+  image = _check_png(tmp_path / "blocks.png")
+  for line in ax.get_lines():
+    assert _pixels_of(image, line.get_color()) > 30, line.get_label()
+  assert sorted(os.listdir(tmp_path)) == ["blocks.png"]
+  with pytest.raises(ValueError, match="at least one row"):
+    plots.plot_block_errors([], tmp_path / "none.png")
+  with pytest.raises(ValueError, match="method"):
+    plots.plot_block_errors([{"block_errors": [("b0", 0.1)]}], tmp_path / "none.png")
+  with pytest.raises(ValueError, match="pairs"):
+    plots.plot_block_errors([{"method": "RTN", "block_errors": [0.1, 0.2]}], tmp_path / "none.png")
+  assert sorted(os.listdir(tmp_path)) == ["blocks.png"]  # nothing written, no temporary file left
+  fig = plots.plot_block_errors([{"method": "RTN"}], tmp_path / "empty.png")  # nothing to draw: an empty plot
+  assert not fig.axes[0].get_lines() and (tmp_path / "empty.png").exists()
+
+
+def test_command_writes_the_report(tmp_path):
+  """launch/layer_report.py runs as a plain script (the package is installed, no sys.path edits)."""
+  out = tmp_path / "report"
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "layer_report.py"), f"--out_dir={out}", "--format=int4",
+       "--rows=64", "--k=64", "--n=128", "--rank=8", "--ranks=0,8", "--num_grids=2", "--lowrank_iters=2"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| SVDQuant + GPTQ |" in result.stdout and "--ranks=0,8" in result.stdout
+  assert sorted(os.listdir(out)) == ["layer_report.md", "rank_sweep.png", "spectra.png"]
+  _check_png(out / "spectra.png")
+  _check_png(out / "rank_sweep.png")

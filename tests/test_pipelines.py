@@ -359,7 +359,7 @@ def _channel_absmax_ratio(x) -> float:
 
 
 def test_tiny_weights_have_spectrum_and_outliers():
-  """The structure the presets docstring quotes, against the plain (i.i.d.) init of the same model."""
+  """The structure docs/quantization.md ("Tiny models") records, against the plain (i.i.d.) init of the same model."""
   pipe = loading.load_pipeline("flux-tiny")
   config = pipe.transformer_config
   plain = init_flux_params(config, presets.TINY_SEED)
@@ -414,9 +414,10 @@ def test_presets_table():
 
 
 def test_benchmark_runs_on_cpu_with_the_tiny_config():
-  from launch import benchmark_flux  # pylint: disable=g-import-not-at-top
-  result = benchmark_flux.run_benchmark(benchmark_flux.BenchmarkSettings(
-      config_name="flux-tiny", dtype="float32", warmup=1, repeats=2, height=32, width=32, text_len=8))
+  from svdquant_jax.flows import flux_benchmark  # pylint: disable=g-import-not-at-top
+  result = flux_benchmark.run(flux_benchmark.BenchmarkSettings(
+      config_name="flux-tiny", dtype="float32", warmup=1, repeats=2, height=32, width=32, text_len=8),
+      flux_benchmark.TorchReference(torch, diffusers.FluxTransformer2DModel))
   assert result["image_tokens"] == 4 and result["ours"]["params"] == result["torch"]["params"]
   assert all(t > 0 for t in result["ours"]["times_ms"] + result["torch"]["times_ms"])
-  assert "time / torch" in benchmark_flux.format_table(result)
+  assert "time / torch" in flux_benchmark.format_table(result)

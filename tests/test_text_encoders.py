@@ -378,8 +378,8 @@ def test_tiny_presets_run_on_byte_level_tokens():
   clip_ids, clip_mask = tok_lib.tokenize(tok_lib.byte_level_clip_tokenizer(), ["ünïcode ✓"], 24)
   assert t5_ids.max() < t5_config.vocab_size and clip_ids.max() < clip_config.vocab_size
   t5_model, clip_model = t5_lib.T5Encoder(t5_config), clip_lib.CLIPTextModel(clip_config)
-  t5_params = _random_params(t5_lib.t5_abstract_params(t5_config), 0)
-  clip_params = _random_params(clip_lib.clip_abstract_params(clip_config), 1)
+  t5_params = _random_params(t5_lib.abstract_t5_params(t5_config), 0)
+  clip_params = _random_params(clip_lib.abstract_clip_params(clip_config), 1)
   out = _apply(t5_model, t5_params, t5_ids, t5_mask)
   last, pooled = _apply(clip_model, clip_params, clip_ids, clip_mask)
   assert out.shape == (1, 24, 64) and last.shape == (1, 24, 64) and pooled.shape == (1, 64)
@@ -463,14 +463,14 @@ def test_tokenizer_save_and_load_round_trip(tmp_path):
 def test_real_size_mapping_tables_cover_the_models():
   """The XXL / CLIP-L mapping tables produce exactly the params of the models (abstract, nothing allocated)."""
   xxl = t5_lib.T5Config.from_preset("t5-v1_1-xxl")
-  abstract = flatten(t5_lib.t5_abstract_params(xxl))
+  abstract = flatten(t5_lib.abstract_t5_params(xxl))
   assert {r.target for r in t5_lib.t5_mapping(xxl)} == set(abstract)
   assert abstract["block_23/attn/to_qkv/kernel"].shape == (4096, 3 * 4096)
   assert abstract["block_23/ffn/wi/kernel"].shape == (4096, 2 * 10240)
   assert abstract["relative_attention_bias/embedding"].shape == (32, 64)
   assert abstract["shared/embedding"].dtype == jnp.bfloat16
   large = clip_lib.CLIPTextConfig.from_preset("clip-vit-large-patch14")
-  abstract = flatten(clip_lib.clip_abstract_params(large))
+  abstract = flatten(clip_lib.abstract_clip_params(large))
   rules = clip_lib.clip_mapping(large)
   assert {r.target for r in rules} == set(abstract)
   assert all(s.startswith("text_model.") for r in rules for s in r.sources)

@@ -166,7 +166,8 @@ def test_svd_lowrank_truncation_error_matches_float64(shape, spectrum):
 
 # ----------------------------------------------------------------------------- alternating refinement
 def _reference_alternating(w_hat, rank, fmt, loss_fn, num_iters, early_stop):
-  """The loop of spec §1.3 in Python, with a cold SVD each iteration."""
+  """deepcompressor's alternating loop ("deepcompressor's recipe" in docs/quantization.md) in Python,
+  with a cold SVD each iteration."""
   losses, best, best_loss, q_prev = [], 0, np.inf, jnp.zeros_like(w_hat)
   for t in range(num_iters):
     a, b = lowrank.svd_lowrank(w_hat - q_prev, rank)

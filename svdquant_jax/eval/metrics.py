@@ -1,7 +1,8 @@
 """Image similarity metrics against reference images: PSNR, SSIM, and latent-space errors.
 
 Images are ``uint8 [B, H, W, C]`` or floats in [0, 1]; metrics are computed per image in
-float32 and averaged, as deepcompressor's evaluation does (``data_range = 1``; spec §4).
+float32 and averaged, as deepcompressor's evaluation does (``data_range = 1``;
+``docs/quantization.md``, "deepcompressor's recipe", evaluation).
 
 Metrics that need pretrained networks (LPIPS, FID, CLIP score, ImageReward) are not computed
 here: their weights come from a hub that this project does not assume.

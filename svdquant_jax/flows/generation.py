@@ -9,6 +9,10 @@ Each prompt's noise comes from ``jax.random.key(prompt_seed(prompt, seed))``, an
 call has the same batch size (the last batch is padded by repeating its last prompt), so an
 image depends only on the model, the settings, the seed and its own prompt: not on its position
 in the list or on the other prompts.
+
+:func:`run` is the generate command (``launch/generate.py``): a model by name or folder, its
+prompts and settings from a :func:`default_config` ConfigDict, optionally with a quantized
+transformer saved by the PTQ flow.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
+import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 from svdquant_jax.pipelines import images as images_lib
 from svdquant_jax.pipelines import prompts as prompts_lib
+from svdquant_jax.pipelines.loading import load_pipeline
+from svdquant_jax.quant import quantized_model
+from svdquant_jax.quant.adapters import adapter_for_pipeline
 from svdquant_jax.utils.files import atomic_write_text
 from svdquant_jax.utils.progress import Progress
 
@@ -123,3 +132,64 @@ def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationS
   logging.info("wrote %d images, %s and %s to %s (%.1f s)", len(prompts), CONTACT_SHEET, GENERATION_JSON, out_dir,
                elapsed)
   return result
+
+
+# ----------------------------------------------------------------------------- the generate command
+def default_config() -> ml_collections.ConfigDict:
+  """The generate command's settings; ``None`` fields take the model's defaults."""
+  c = ml_collections.ConfigDict()
+  c.model = "flux-tiny"          # preset name (flux-dev, flux-schnell, pixart-sigma, flux-tiny, pixart-tiny) or folder
+  c.model_path = ""              # folder with the weights of a real-size preset
+  c.quantized_model = ""         # a quantized transformer saved by the PTQ flow (runs/<model>/<protocol>/<method>/model)
+  c.dtype = ""                   # "": each component's default precision; else e.g. "bfloat16", "float32"
+  c.prompts = ""                 # prompts separated by "|"
+  c.prompts_path = ""            # a .txt / .json / .yaml prompt file (used when `prompts` is empty)
+  c.num_prompts = 4              # the first N prompts of the file or the built-in list (0: all)
+  c.seed = 0                     # base seed; each prompt's noise comes from prompt_seed(prompt, seed)
+  c.num_steps = config_dict.placeholder(int)
+  c.guidance = config_dict.placeholder(float)
+  c.height = config_dict.placeholder(int)
+  c.width = config_dict.placeholder(int)
+  c.max_sequence_length = config_dict.placeholder(int)
+  c.batch_size = 4               # images per pipeline call (the last batch is padded to this size)
+  c.contact_sheet_columns = config_dict.placeholder(int)
+  c.output_dir = "outputs/generate"
+  c.progress = True
+  return c
+
+
+def prompts_from_config(config: Any) -> list[str]:
+  """``config.prompts`` (``|``-separated), else ``config.prompts_path``, else the built-in list;
+  the first ``config.num_prompts`` of a file or the built-in list (0: all)."""
+  if config.prompts:
+    prompts = [p.strip() for p in config.prompts.split("|")]
+    if not all(prompts):
+      raise ValueError(f"config.prompts={config.prompts!r} holds an empty prompt (check the '|' separators)")
+    return prompts
+  prompts = prompts_lib.load_prompts(config.prompts_path) if config.prompts_path else list(
+      prompts_lib.BUILTIN_PROMPTS)
+  n = config.num_prompts
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"config.num_prompts must be an int >= 0, got {n!r}")
+  return prompts[:n] if n else prompts
+
+
+def settings_from_config(config: Any) -> GenerationSettings:
+  return GenerationSettings(seed=config.seed, num_steps=config.num_steps, guidance=config.guidance,
+                            height=config.height, width=config.width,
+                            max_sequence_length=config.max_sequence_length, batch_size=config.batch_size,
+                            contact_sheet_columns=config.contact_sheet_columns)
+
+
+def run(config: Any) -> dict[str, Any]:
+  """Loads the model named by ``config`` and generates its images (see :func:`generate_images`)."""
+  prompts = prompts_from_config(config)
+  settings = settings_from_config(config)
+  pipeline = load_pipeline(config.model, path=config.model_path or None, dtype=config.dtype or None)
+  transformer_fn = transformer_params = None
+  if config.quantized_model:
+    transformer_fn, transformer_params, meta = quantized_model.load_for_model(
+        config.quantized_model, adapter_for_pipeline(pipeline))
+    logging.info("quantized transformer %r from %s", meta.get("name"), config.quantized_model)
+  return generate_images(pipeline, prompts, settings, config.output_dir, progress=config.progress,
+                         transformer_fn=transformer_fn, transformer_params=transformer_params)

@@ -1,4 +1,6 @@
-"""Layer-level evidence for the SVDQuant transforms (spec §7): error tables and singular spectra.
+"""Layer-level evidence for the SVDQuant transforms: error tables, singular spectra, rank sweeps.
+
+The experiments behind ``docs/quantization.md``, "Layer-level evidence".
 
 A seeded synthetic linear layer with the outlier structure of diffusion transformers (a few input
 channels with 10-100x larger activations; heavy-tailed weight rows, i.e. input channels, and a
@@ -9,7 +11,8 @@ output error ``||x W - ŷ||_F / ||x W||_F`` on held-out tokens is tabulated:
   no smoothing); LoRC (SVD_r of W - Q(W), Q(W) kept); smoothing + LoRC (λ of smoothing only);
   SVDQuant one-shot; + alternating refinement; + GPTQ on the residual. Baselines: W4A16 INT4 g64
   and NF4 g64, W8A8 (per-channel / per-token INT8). A rank sweep of SVDQuant, and the singular
-  values of W, Ŵ = diag(λ) W and R = Ŵ - L (the SVDQuant + alternating layer) as a PNG.
+  values of W, Ŵ = diag(λ) W and R = Ŵ - L (the SVDQuant + alternating layer); both are also
+  plotted with matplotlib (:mod:`svdquant_jax.flows.plots`) as ``rank_sweep.png`` and ``spectra.png``.
 
 ``launch/layer_report.py`` is the command-line entry point.
 """
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svdquant_jax.flows import plots
 from svdquant_jax.quant import gptq, lowrank, smooth
 from svdquant_jax.formats import quantizers as qz
 from svdquant_jax.quant.svdquant import SVDQuantWeights, fake_forward, plain_weights, quantize_linear_group
@@ -294,99 +298,47 @@ def report_markdown(report: LayerReport, command: str | None = None) -> str:
   return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- spectra plot
-_GLYPHS = {
-    "0": "###|#.#|#.#|#.#|###", "1": ".#.|##.|.#.|.#.|###", "2": "###|..#|###|#..|###", "3": "###|..#|###|..#|###",
-    "4": "#.#|#.#|###|..#|..#", "5": "###|#..|###|..#|###", "6": "###|#..|###|#.#|###", "7": "###|..#|..#|.#.|.#.",
-    "8": "###|#.#|###|#.#|###", "9": "###|#.#|###|..#|###", "-": "...|...|###|...|...", "+": "...|.#.|###|.#.|...",
-    ".": "...|...|...|...|.#.", " ": "...|...|...|...|...", "=": "...|###|...|###|...", "(": ".#.|#..|#..|#..|.#.",
-    ")": ".#.|..#|..#|..#|.#.", "A": ".#.|#.#|###|#.#|#.#", "B": "##.|#.#|##.|#.#|##.", "C": ".##|#..|#..|#..|.##",
-    "D": "##.|#.#|#.#|#.#|##.", "E": "###|#..|##.|#..|###", "F": "###|#..|##.|#..|#..", "G": ".##|#..|#.#|#.#|.##",
-    "H": "#.#|#.#|###|#.#|#.#", "I": "###|.#.|.#.|.#.|###", "J": "..#|..#|..#|#.#|.#.", "K": "#.#|#.#|##.|#.#|#.#",
-    "L": "#..|#..|#..|#..|###", "M": "#.#|###|###|#.#|#.#", "N": "##.|#.#|#.#|#.#|#.#", "O": ".#.|#.#|#.#|#.#|.#.",
-    "P": "##.|#.#|##.|#..|#..", "Q": ".#.|#.#|#.#|###|.##", "R": "##.|#.#|##.|#.#|#.#", "S": ".##|#..|.#.|..#|##.",
-    "T": "###|.#.|.#.|.#.|.#.", "U": "#.#|#.#|#.#|#.#|###", "V": "#.#|#.#|#.#|#.#|.#.", "W": "#.#|#.#|###|###|#.#",
-    "X": "#.#|#.#|.#.|#.#|#.#", "Y": "#.#|#.#|.#.|.#.|.#.", "Z": "###|..#|.#.|#..|###",
-}
-_COLORS = {"W": (31, 119, 180), "W_hat": (255, 127, 14), "R": (44, 160, 44)}
-_LABELS = {"W": "W", "W_hat": "SMOOTHED W = DIAG(L) W", "R": "RESIDUAL R = W_HAT - L"}
-
-
-def _text(img: np.ndarray, x: int, y: int, text: str, color=(0, 0, 0), scale: int = 2) -> None:
-  for i, ch in enumerate(text.upper().replace("_", " ")):
-    rows = _GLYPHS.get(ch, _GLYPHS[" "]).split("|")
-    for r, row in enumerate(rows):
-      for c, on in enumerate(row):
-        if on == "#":
-          y0, x0 = y + r * scale, x + (i * 4 + c) * scale
-          img[max(y0, 0):max(y0 + scale, 0), max(x0, 0):max(x0 + scale, 0)] = color
-
-
-def _line(img: np.ndarray, p0: tuple, p1: tuple, color, width: int = 2) -> None:
-  steps = int(max(abs(p1[0] - p0[0]), abs(p1[1] - p0[1]))) + 1
-  xs = np.rint(np.linspace(p0[0], p1[0], steps)).astype(int)
-  ys = np.rint(np.linspace(p0[1], p1[1], steps)).astype(int)
-  h, w = img.shape[:2]
-  for dx in range(width):
-    for dy in range(width):
-      xx, yy = np.clip(xs + dx - width // 2, 0, w - 1), np.clip(ys + dy - width // 2, 0, h - 1)
-      img[yy, xx] = color
-
-
-def plot_spectra(spectra: Mapping[str, np.ndarray], width: int = 720, height: int = 440) -> np.ndarray:
-  """Rasterizes the spectra on a log10 y axis: ``uint8 [height, width, 3]`` (no plotting library)."""
-  img = np.full((height, width, 3), 255, np.uint8)
-  left, right, top, bottom = 70, 20, 40, 50
-  pw, ph = width - left - right, height - top - bottom
-  positive = np.concatenate([s[s > 0] for s in spectra.values()])
-  lo, hi = np.floor(np.log10(positive.min())), np.ceil(np.log10(positive.max()))
-  hi = max(hi, lo + 1)
-  count = max(len(s) for s in spectra.values())
-
-  def to_px(i, v):
-    x = left + (i / max(count - 1, 1)) * pw
-    y = top + (hi - np.log10(max(v, 10 ** lo))) / (hi - lo) * ph
-    return x, y
-
-  for d in range(int(lo), int(hi) + 1):  # decade grid lines and labels
-    _, y = to_px(0, 10.0 ** d)
-    img[int(round(y)), left:left + pw] = (220, 220, 220)
-    _text(img, 8, int(round(y)) - 5, f"1E{d}")
-  step = max(1, int(10 ** np.floor(np.log10(max(count, 1)))) // 2)
-  for i in range(0, count, step):
-    x, _ = to_px(i, 10 ** lo)
-    img[top + ph:top + ph + 6, int(round(x))] = (0, 0, 0)
-    _text(img, int(round(x)) - 4 * len(str(i)), top + ph + 10, str(i))
-  img[top:top + ph, left] = 0
-  img[top + ph, left:left + pw] = 0
-  _text(img, left, 12, "SINGULAR VALUES")
-  _text(img, left + pw // 2 - 40, height - 18, "INDEX")
-  for name, s in spectra.items():
-    color = _COLORS.get(name, (0, 0, 0))
-    pts = [to_px(i, v) for i, v in enumerate(s)]
-    for p0, p1 in zip(pts[:-1], pts[1:]):
-      _line(img, p0, p1, color)
-  for j, name in enumerate(spectra):  # legend
-    y = top + 12 + 18 * j
-    _line(img, (left + pw - 250, y + 4), (left + pw - 220, y + 4), _COLORS.get(name, (0, 0, 0)), 3)
-    _text(img, left + pw - 212, y, _LABELS.get(name, name))
-  return img
-
-
 def write_report(report: LayerReport, out_dir: str, command: str | None = None) -> dict[str, str]:
-  """Writes ``layer_report.md`` and (with spectra) ``spectra.png`` to ``out_dir``; returns the paths."""
+  """Writes ``layer_report.md`` and the plots to ``out_dir``; returns the paths.
+
+  Plots (matplotlib, :mod:`svdquant_jax.flows.plots`): ``spectra.png`` when the report has spectra,
+  ``rank_sweep.png`` when it has a rank sweep. Keys of the result: ``markdown``, and ``spectra`` /
+  ``rank_sweep`` for the plots written.
+  """
   os.makedirs(out_dir, exist_ok=True)
   paths = {"markdown": os.path.join(out_dir, "layer_report.md")}
   text = report_markdown(report, command)
   if report.spectra:
-    from svdquant_jax.utils.png import write_png  # imported lazily: only the plot needs it
-    paths["png"] = os.path.join(out_dir, "spectra.png")
-    write_png(paths["png"], plot_spectra(report.spectra))
+    paths["spectra"] = os.path.join(out_dir, "spectra.png")
+    plots.plot_spectra(report.spectra, paths["spectra"], rank=report.rank)
     text += "\n![singular values](spectra.png)\n"
+  if report.sweep:
+    paths["rank_sweep"] = os.path.join(out_dir, "rank_sweep.png")
+    plots.plot_rank_sweep(report.sweep, paths["rank_sweep"], note=report.sweep_note)
+    text += "\n![rank sweep](rank_sweep.png)\n"
   atomic_write_text(paths["markdown"], text)
   return paths
 
 
+def make_and_write_report(out_dir: str, seed: int = 0, rows: int = 512, k: int = 256, n: int = 768,
+                          formats: Sequence[str] = ("int4", "nvfp4"), rank: int = 32, lowrank_iters: int = 100,
+                          num_grids: int = 20, ranks: Sequence[int] = RANKS, sweep_lowrank_iters: int = 1,
+                          sweep_all_formats: bool = False, command: str | None = None,
+                          ) -> tuple[LayerReport, dict[str, str]]:
+  """The whole command-line report: builds the seeded synthetic layer, runs every table
+  (:func:`run_layer_report`, smoothing grid ``smooth.alpha_beta_grid(num_grids)``; the rank sweep
+  for the first format, or for every format with ``sweep_all_formats``) and writes it
+  (:func:`write_report`). Returns ``(report, paths)``.
+  """
+  formats = tuple(formats)
+  layer = make_synthetic_layer(seed, rows, k, n)
+  report = run_layer_report(layer, formats=formats, rank=rank, ranks=tuple(int(r) for r in ranks),
+                            grid=smooth.alpha_beta_grid(num_grids), lowrank_iters=lowrank_iters,
+                            sweep_lowrank_iters=sweep_lowrank_iters,
+                            sweep_formats=formats if sweep_all_formats else formats[:1])
+  return report, write_report(report, out_dir, command)
+
+
 __all__ = ["W4A4_METHODS", "BASELINES", "RANKS", "SyntheticLayer", "make_synthetic_layer", "relative_error",
            "evaluate_w4a4", "evaluate_baselines", "rank_sweep", "singular_spectra", "LayerReport",
-           "run_layer_report", "report_markdown", "plot_spectra", "write_report"]
+           "run_layer_report", "report_markdown", "write_report", "make_and_write_report"]

@@ -51,14 +51,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svdquant_jax.formats import PACKED_FORMATS, packed_group_size
 from svdquant_jax.formats import quantizers as q
 
 Array = jax.Array
 
-FORMATS = ("int4", "nvfp4", "int8")
+FORMATS = PACKED_FORMATS
 PACK_BLOCK = 64
 HALF_BLOCK = PACK_BLOCK // 2
-DEFAULT_GROUP_SIZE = {"int4": 64, "nvfp4": 16}
 
 
 class QuantizedLinearError(ValueError):
@@ -211,8 +211,8 @@ class QuantizedLinear:
     else:
       if k % PACK_BLOCK:
         raise QuantizedLinearError(f"QuantizedLinear: K={k} is not a multiple of {PACK_BLOCK} (4-bit packing)")
-      if fmt == "nvfp4" and g != 16:
-        raise QuantizedLinearError(f"QuantizedLinear: nvfp4 uses group_size 16, got {g}")
+      if fmt == "nvfp4" and g != packed_group_size(fmt, k):
+        raise QuantizedLinearError(f"QuantizedLinear: nvfp4 uses group_size {packed_group_size(fmt, k)}, got {g}")
       want_w, want_wdt = (n, k // 2), jnp.uint8
     if tuple(self.qweight.shape) != want_w or self.qweight.dtype != want_wdt:
       raise QuantizedLinearError(f"QuantizedLinear.qweight: expected {jnp.dtype(want_wdt).name} {want_w} for "
@@ -303,7 +303,13 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
                     residual: Array | None = None, codes: Array | None = None, scales: Array | None = None,
                     tensor_scale: Array | None = None, fmt: str = "int4", shift: float = 0.0,
                     group_size: int | None = None, dtype: Any = None) -> QuantizedLinear:
-  """Builds a :class:`QuantizedLinear` from the float pieces of the quantization code.
+  """Builds a :class:`QuantizedLinear` from float pieces and a residual (float or already quantized).
+
+  To deploy a layer calibrated by ``svdquant_jax.quant`` (an ``SVDQuantWeights``), use
+  :func:`svdquant_jax.quant.deploy.to_quantized_linear`: it packs the codes the calibration chose
+  (GPTQ's ``residual_q`` when set) with the calibration's scales. ``residual=`` here quantizes the
+  float residual again with round-to-nearest, which silently replaces GPTQ's codes (and uses
+  scales in ``dtype``, not ``QuantFormat.scale_dtype``): what runs is then not what was calibrated.
 
   Args:
     smooth: λ ``[K]``.
@@ -311,8 +317,9 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
       approximates ``diag(λ) W``); ``1/λ`` is folded in here.
     lora_up: ``B [r, N]``.
     bias: the layer's bias ``b [N]`` or ``None``.
-    residual: the float residual ``R = diag(λ) W - A B`` ``[K, N]``, quantized here with
-      :mod:`svdquant_jax.formats.quantizers`. Mutually exclusive with ``codes``/``scales``.
+    residual: the float residual ``R = diag(λ) W - A B`` ``[K, N]``, quantized here by RTN with
+      :mod:`svdquant_jax.formats.quantizers` (scales in ``dtype``). Mutually exclusive with
+      ``codes``/``scales``.
     codes, scales, tensor_scale: an already quantized residual in the quantizers' form:
       int4 ``int8 [K, N]`` + ``[K/G, N]``; nvfp4 ``uint8 [K, N]`` + ``float8 [K/16, N]`` +
       tensor scale (scalar or [1]); int8 ``int8 [K, N]`` + ``[N]`` or ``[1, N]``.
@@ -332,12 +339,9 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
   dtype = jnp.dtype(lora_up.dtype if dtype is None else dtype)
   smooth = jnp.asarray(smooth)
   k = smooth.shape[0]
-  if fmt == "int8":
-    g = k
-  elif fmt == "nvfp4":
-    g = 16
-  else:
-    g = DEFAULT_GROUP_SIZE["int4"] if group_size is None else group_size
+  g = packed_group_size(fmt, k)
+  if fmt == "int4" and group_size is not None:  # INT4 weight groups may differ from 64; the others are fixed
+    g = group_size
   if group_size is not None and group_size != g:
     raise QuantizedLinearError(f"from_components: group_size={group_size} is not valid for fmt={fmt!r} (uses {g})")
   wtscale = None

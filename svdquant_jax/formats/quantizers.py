@@ -23,8 +23,9 @@ Conventions (used throughout the project):
 K not divisible by the group size is refused with a :class:`QuantizationError` (a ``ValueError``;
 we do not pad: padding changes the layer and must be the caller's explicit choice).
 
-Reference: SVDQuant spec §1.4-1.5 (deepcompressor ``quantizer/impl``), NVFP4 two-level
-scales §1.4, NF4 from QLoRA (Dettmers et al. 2023, Appendix E).
+Reference: deepcompressor ``quantizer/impl`` with the configs ``svdquant/int4.yaml`` and
+``svdquant/nvfp4.yaml`` (NVFP4 two-level scales), summarized in ``docs/quantization.md``
+("Quantizers", "deepcompressor's recipe"); NF4 from QLoRA (Dettmers et al. 2023, Appendix E).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def _fp8_scale(s: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class NVFP4Weight:
-  """Real NVFP4 weight: E2M1 codes with two-level scales (spec §1.4).
+  """Real NVFP4 weight: E2M1 codes with two-level scales (``docs/quantization.md``, "Quantizers").
 
   Attributes:
     codes: ``uint8 [K, N]`` E2M1 codes.

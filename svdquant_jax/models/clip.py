@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.models import checkpoint as ckpt
-from svdquant_jax.models.layers import as_float_dtype
+from svdquant_jax.models.layers import as_float_dtype, config_from_dict, config_from_preset
 
 Array = jax.Array
 Dtype = Any
@@ -117,30 +117,14 @@ class CLIPTextConfig:
     if "text_config" in config and "hidden_size" not in config:
       config = config["text_config"]
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in required if k not in config and k not in overrides]
-    if missing:
-      raise ValueError(f"CLIP text config lacks required key(s) {missing}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-      raise ValueError(f"unknown CLIPTextConfig override(s) {unknown}; fields are {sorted(fields)}")
-    values: dict[str, Any] = {k: config[k] for k in required if k in config}
-    values["max_position_embeddings"] = config.get("max_position_embeddings", 77)
-    values["hidden_act"] = config.get("hidden_act", "quick_gelu")
-    values["layer_norm_eps"] = config.get("layer_norm_eps", 1e-5)
-    values["eos_token_id"] = config.get("eos_token_id", 49407)
-    values.update(overrides)
-    return cls(**values)
+    defaults = {"max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                "eos_token_id": 49407}
+    return config_from_dict(cls, config, required=required, defaults=defaults, overrides=overrides, what="CLIP text")
 
   @classmethod
   def from_preset(cls, name: str, **overrides: Any) -> "CLIPTextConfig":
     """One of :data:`CLIP_PRESETS` with ``overrides`` applied."""
-    if name not in CLIP_PRESETS:
-      raise ValueError(f"unknown CLIP preset {name!r}; known presets are {sorted(CLIP_PRESETS)}")
-    try:
-      return dataclasses.replace(CLIP_PRESETS[name], **overrides)
-    except TypeError as e:
-      raise ValueError(f"bad override for CLIP preset {name!r}: {e}") from e
+    return config_from_preset(CLIP_PRESETS, name, overrides, "CLIP")
 
 
 CLIP_PRESETS: dict[str, CLIPTextConfig] = {
@@ -270,7 +254,7 @@ class CLIPTextModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loading
-def clip_abstract_params(config: CLIPTextConfig) -> dict[str, Any]:
+def abstract_clip_params(config: CLIPTextConfig) -> dict[str, Any]:
   """The params tree of :class:`CLIPTextModel` as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
   model = CLIPTextModel(config)
   ids = jnp.zeros((1, 1), jnp.int32)
@@ -329,6 +313,6 @@ def load_clip_text_model(folder: str | os.PathLike, dtype: Any = None) -> tuple[
     raise ValueError(f"{folder}/config.json: {e}") from e
   store = ckpt.open_store(folder)
   prefix = LEGACY_PREFIX if any(k.startswith(LEGACY_PREFIX) for k in store) else ""
-  params = ckpt.load_params(store, clip_mapping(config, prefix), clip_abstract_params(config),
+  params = ckpt.load_params(store, clip_mapping(config, prefix), abstract_clip_params(config),
                             ignore=(re.escape(f"{prefix}embeddings.position_ids"),), source=folder)
   return config, params

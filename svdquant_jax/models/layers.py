@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -153,3 +154,42 @@ def layer_norm(x: Array, eps: float = 1e-6) -> Array:
 def gelu_tanh(x: Array) -> Array:
   """GELU with the tanh approximation (``approximate="tanh"``)."""
   return jax.nn.gelu(x, approximate=True)
+
+
+# ----------------------------------------------------------------------------- configs from files
+def config_from_dict(cls: type, config: Mapping[str, Any], *, required: tuple[str, ...],
+                     defaults: Mapping[str, Any], overrides: Mapping[str, Any], what: str) -> Any:
+  """A config dataclass from a transformers ``config.json`` dict.
+
+  Args:
+    cls: the config dataclass.
+    config: the parsed file.
+    required: keys the file must have (unless overridden).
+    defaults: optional keys with the reference implementation's defaults.
+    overrides: field values that replace the file's.
+    what: the model's name for error messages (``"T5"``).
+
+  Raises:
+    ValueError: naming a missing required key or an unknown override.
+  """
+  missing = [k for k in required if k not in config and k not in overrides]
+  if missing:
+    raise ValueError(f"{what} config lacks required key(s) {missing}")
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} override(s) {unknown}; fields are {sorted(fields)}")
+  values: dict[str, Any] = {k: config[k] for k in required if k in config}
+  values.update({k: config.get(k, default) for k, default in defaults.items()})
+  values.update(overrides)
+  return cls(**values)
+
+
+def config_from_preset(presets: Mapping[str, Any], name: str, overrides: Mapping[str, Any], what: str) -> Any:
+  """``presets[name]`` with ``overrides`` applied; a clear error for an unknown name or field."""
+  if name not in presets:
+    raise ValueError(f"unknown {what} preset {name!r}; known presets are {sorted(presets)}")
+  try:
+    return dataclasses.replace(presets[name], **overrides)
+  except TypeError as e:
+    raise ValueError(f"bad override for {what} preset {name!r}: {e}") from e

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.models import checkpoint as ckpt
-from svdquant_jax.models.layers import RMSNorm, as_float_dtype, gelu_tanh
+from svdquant_jax.models.layers import RMSNorm, as_float_dtype, config_from_dict, config_from_preset, gelu_tanh
 from svdquant_jax.utils.safetensors_io import CheckpointError
 
 Array = jax.Array
@@ -137,30 +137,14 @@ class T5Config:
       ValueError: naming a missing required key, an unknown override or an unsupported value.
     """
     required = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
-    missing = [k for k in required if k not in config and k not in overrides]
-    if missing:
-      raise ValueError(f"T5 config lacks required key(s) {missing}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-      raise ValueError(f"unknown T5Config override(s) {unknown}; fields are {sorted(fields)}")
-    values: dict[str, Any] = {k: config[k] for k in required if k in config}
-    values["relative_attention_num_buckets"] = config.get("relative_attention_num_buckets", 32)
-    values["relative_attention_max_distance"] = config.get("relative_attention_max_distance", 128)
-    values["layer_norm_epsilon"] = config.get("layer_norm_epsilon", 1e-6)
-    values["feed_forward_proj"] = config.get("feed_forward_proj", "relu")
-    values.update(overrides)
-    return cls(**values)
+    defaults = {"relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+                "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu"}
+    return config_from_dict(cls, config, required=required, defaults=defaults, overrides=overrides, what="T5")
 
   @classmethod
   def from_preset(cls, name: str, **overrides: Any) -> "T5Config":
     """One of :data:`T5_PRESETS` with ``overrides`` applied."""
-    if name not in T5_PRESETS:
-      raise ValueError(f"unknown T5 preset {name!r}; known presets are {sorted(T5_PRESETS)}")
-    try:
-      return dataclasses.replace(T5_PRESETS[name], **overrides)
-    except TypeError as e:
-      raise ValueError(f"bad override for T5 preset {name!r}: {e}") from e
+    return config_from_preset(T5_PRESETS, name, overrides, "T5")
 
 
 T5_PRESETS: dict[str, T5Config] = {
@@ -338,7 +322,7 @@ class T5Encoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loading
-def t5_abstract_params(config: T5Config) -> dict[str, Any]:
+def abstract_t5_params(config: T5Config) -> dict[str, Any]:
   """The params tree of :class:`T5Encoder` as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
   model = T5Encoder(config)
   ids = jnp.zeros((1, 1), jnp.int32)
@@ -425,6 +409,6 @@ def load_t5_encoder(folder: str | os.PathLike, dtype: Any = None) -> tuple[T5Con
     raise ValueError(f"{folder}/config.json: {e}") from e
   store = ckpt.open_store(folder)
   embedding_source, ignore = _tied_embedding(store, folder)
-  params = ckpt.load_params(store, t5_mapping(config, embedding_source), t5_abstract_params(config),
+  params = ckpt.load_params(store, t5_mapping(config, embedding_source), abstract_t5_params(config),
                             ignore=ignore, source=folder)
   return config, params

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdquant_jax.formats import packing
+from svdquant_jax.formats import PACKED_FORMATS, packed_group_size, packing
 from svdquant_jax.formats.packing import QuantizedLinear
 from svdquant_jax.pallas.registry import svdquant_linear
 from svdquant_jax.utils import trees
@@ -44,8 +44,8 @@ PARAM_NAMES = ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up"
 def param_shapes(in_features: int, features: int, *, rank: int, fmt: str, shift: float, use_bias: bool,
                  param_dtype: Any) -> dict[str, jax.ShapeDtypeStruct]:
   """The layer's parameters (name -> shape/dtype) for a format; validates the combination."""
-  if fmt not in packing.FORMATS:
-    raise packing.QuantizedLinearError(f"SVDQuantDense: unknown format {fmt!r}; expected one of {packing.FORMATS}")
+  if fmt not in PACKED_FORMATS:
+    raise packing.QuantizedLinearError(f"SVDQuantDense: unknown format {fmt!r}; expected one of {PACKED_FORMATS}")
   k, n = in_features, features
   if fmt != "int8" and k % packing.PACK_BLOCK:
     raise packing.QuantizedLinearError(f"SVDQuantDense: {k} input features is not a multiple of "
@@ -59,7 +59,7 @@ def param_shapes(in_features: int, features: int, *, rank: int, fmt: str, shift:
     shapes["qweight"] = sd((n, k), jnp.int8)
     shapes["wscales"] = sd((1, n), pd)
   else:
-    g = packing.DEFAULT_GROUP_SIZE[fmt]
+    g = packed_group_size(fmt, k)
     shapes["qweight"] = sd((n, k // 2), jnp.uint8)
     shapes["wscales"] = sd((k // g, n), jnp.float8_e4m3fn if fmt == "nvfp4" else pd)
     if fmt == "nvfp4":
@@ -80,7 +80,7 @@ def _init_value(name: str, shape: tuple[int, ...], dtype: Any) -> Array:
 
 def quantized_linear(params: Mapping[str, Array], *, fmt: str, shift: float) -> QuantizedLinear:
   """The :class:`QuantizedLinear` held by a layer's params subtree."""
-  group = {"int4": 64, "nvfp4": 16}.get(fmt, params["smooth"].shape[0])
+  group = packed_group_size(fmt, params["smooth"].shape[0])
   return QuantizedLinear(
       qweight=params["qweight"], wscales=params["wscales"], smooth=params["smooth"],
       lora_down=params["lora_down"], lora_up=params["lora_up"], bias=params.get("bias"),

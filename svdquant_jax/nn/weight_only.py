@@ -1,6 +1,7 @@
 """``WeightOnlyDense``: 4-bit weights, 16-bit activations (W4A16), a drop-in for ``nn.Dense``.
 
-Used for the FLUX adaLN modulation linears (INT4 g64 weight-only in SVDQuant models, spec §1.8)
+Used for the FLUX adaLN modulation linears (INT4 g64 weight-only in SVDQuant models, as
+deepcompressor; ``docs/quantization.md``, "deepcompressor's recipe", layer coverage)
 and for the weight-only baselines (INT4 g64, NF4 g64). The forward dequantizes the packed
 weight to the activation dtype and runs a 16-bit matmul; XLA fuses the dequantization.
 
@@ -24,12 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from svdquant_jax.formats import packing
+from svdquant_jax.formats import WEIGHT_ONLY_FORMATS, packing
 from svdquant_jax.formats import quantizers as q
 from svdquant_jax.utils import trees
 
 Array = jax.Array
-WEIGHT_ONLY_FORMATS = ("int4", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)

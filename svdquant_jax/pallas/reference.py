@@ -1,6 +1,6 @@
 """Pure-jnp reference of the fused SVDQuant linear op: it runs everywhere and defines correctness.
 
-The op is split as Nunchaku splits it (spec §6.1), so that each GPU kernel has a reference:
+The op is split as Nunchaku splits it (``docs/kernels.md`` §1), so that each GPU kernel has a reference:
 
 * **kernel 1** (:func:`quantize_activations`): one read of ``x``: smoothing ``x̂ = x/λ (+δ)``
   in float32 (a correctly rounded division), dynamic per-token per-group quantization with

@@ -24,9 +24,9 @@ divisions ``x/λ``, ``absmax/qmax`` and ``x̂/scale``, round half to even). On a
 single PTX instructions, ``div.rn.f32`` (Triton's float32 ``/`` is the approximate
 ``div.full.f32``) and ``cvt.rni.s32.f32`` (Pallas-Triton has no ``round`` lowering). Inline
 assembly cannot run in interpret mode, which uses the quantizers' correctly rounded division
-and ``jnp.round`` instead. What ``gpu-facts.md`` measured shaped the rest: K-major int8
-operands, ref slicing, block_k >= 32 for integer dots, signed int8 only (the Triton dot
-rejects unsigned integers).
+and ``jnp.round`` instead. The project's H100 measurements (``docs/kernels.md`` §4.1) and the
+Triton lowering shaped the rest: K-major int8 operands, ref slicing, block_k >= 32 for integer
+dots, signed int8 only (the Triton dot rejects unsigned integers).
 """
 
 from __future__ import annotations

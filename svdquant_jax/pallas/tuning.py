@@ -3,9 +3,10 @@
 The kernels never hard-code tiles: :func:`triton_config` looks them up here. Every entry says
 where it comes from. As of 2026-11-24 **no entry has been measured with these kernels**:
 
-* the H100 large-M GEMM tile is the best tile that ``/work/shared/reference/gpu-facts.md``
-  measured for a Pallas-Triton int8 GEMM with the same per-(token, group) x per-(group,
-  channel) scale scheme at the FLUX qkv shape (128 x 64, 2 groups per step, 4 warps, 4 stages);
+* the H100 large-M GEMM tile is the best tile of a Pallas-Triton int8 GEMM probe with the same
+  per-(token, group) x per-(group, channel) scale scheme at the FLUX qkv shape (128 x 64, 2
+  groups per step, 4 warps, 4 stages), from the project's H100 measurements
+  (``docs/kernels.md`` §4.1);
 * every other entry is an unmeasured starting point for ``launch/benchmark_kernels.py``,
   which sweeps :data:`TRITON_CANDIDATES` and prints the winners in this table's format.
 """
@@ -65,8 +66,8 @@ class TritonConfig:
             f"g{gt.block_m}x{gt.block_n}u{gt.groups_per_step}w{gt.num_warps}s{gt.num_stages}")
 
 
-_MEASURED_QKV = ("gpu-facts.md: best tile of a Pallas-Triton int8 GEMM with the same group-scale scheme at "
-                 "FLUX qkv (699 us); not yet measured with this kernel")
+_MEASURED_QKV = ("docs/kernels.md §4.1: best tile of a Pallas-Triton int8 GEMM with the same group-scale scheme "
+                 "at FLUX qkv (699 us on an H100); not yet measured with this kernel")
 
 # (device key, shape class) -> config. Device keys come from :func:`device_key`.
 TRITON_TABLE: dict[tuple[str, str], TritonConfig] = {

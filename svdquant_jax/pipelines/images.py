@@ -1,18 +1,159 @@
-"""Decoded images to uint8, PNG files and contact sheets.
+"""Decoded images to uint8, PNG files (read and written with Pillow) and contact sheets.
 
 All functions here run on the host with numpy (jax arrays are accepted and copied to host).
+
+PNG files hold 8-bit samples only, as ``uint8 [H, W, C]`` arrays with one channel per stored
+sample: C = 1 (gray, mode ``L``), 2 (gray + alpha, ``LA``), 3 (RGB) or 4 (RGBA). :func:`read_png`
+returns the samples exactly as stored and never converts: palette images, 16-bit or 1/2/4-bit
+samples, animated PNGs, truncated or corrupt files (every chunk's CRC is checked) and files that
+are not PNGs raise :class:`PNGError` naming the file. :func:`write_png` writes atomically, so a
+failed or interrupted write never leaves a partial file at the target path.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from typing import Sequence
+import struct
+import zlib
+from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from svdquant_jax.utils.files import atomic_write_text
-from svdquant_jax.utils.png import write_png
+from svdquant_jax.utils.files import atomic_open, atomic_write_text
+
+# Channels <-> Pillow mode of 8-bit images. A PNG decoded to one of these modes is accepted only if
+# its samples were stored that way too (Pillow's raw mode equals the mode): Pillow silently widens
+# 1/2/4-bit gray to ``L`` (raw modes ``1``, ``L;2``, ``L;4``) and narrows 16-bit RGB(A) to 8 bits.
+_MODE_BY_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_CHANNELS_BY_MODE = {m: c for c, m in _MODE_BY_CHANNELS.items()}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The end chunk: length 0, type IEND and its (constant) CRC. Pillow's verify() stops at the IEND
+# type without reading its CRC, so a file cut in the last 4 bytes is caught by looking for this.
+_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+class PNGError(ValueError):
+  """A PNG file is missing, unsupported, truncated or corrupt, or an image cannot be encoded."""
+
+
+def _as_hwc(image, name: str = "image") -> np.ndarray:
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise PNGError(f"{name} must be uint8, got {image.dtype} (convert floats with to_uint8 first)")
+  if image.ndim == 2:
+    image = image[:, :, None]
+  if image.ndim != 3 or image.shape[2] not in _MODE_BY_CHANNELS:
+    raise PNGError(f"{name} must be [H, W] or [H, W, C] with C in (1, 2, 3, 4), got shape {image.shape}")
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise PNGError(f"{name} must be non-empty, got shape {image.shape}")
+  return np.ascontiguousarray(image)
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  """uint8 [H, W, C] (checked by :func:`_as_hwc`) as a Pillow image of the matching mode."""
+  pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+  assert pil.mode == _MODE_BY_CHANNELS[image.shape[2]], (pil.mode, image.shape)
+  return pil
+
+
+def write_png(path: str | os.PathLike, image, compress_level: int = 6) -> None:
+  """Writes an 8-bit image to ``path`` as PNG, atomically (temporary sibling, then rename).
+
+  Args:
+    path: the destination; its folder is created if missing.
+    image: uint8 ``[H, W]`` or ``[H, W, C]``, C = 1 (gray), 2 (gray + alpha), 3 (RGB), 4 (RGBA).
+    compress_level: zlib level 0-9 (PNG is lossless at every level).
+
+  Raises:
+    PNGError: ``image`` is not uint8, has another shape or is empty, or ``compress_level`` is out
+      of range; nothing is written then.
+  """
+  image = _as_hwc(image)
+  if isinstance(compress_level, bool) or not isinstance(compress_level, int) or not 0 <= compress_level <= 9:
+    raise PNGError(f"compress_level must be an int in 0..9, got {compress_level!r}")
+  pil = _to_pil(image)
+  with atomic_open(path, "wb") as f:
+    pil.save(f, format="PNG", compress_level=compress_level)
+
+
+def _check_stored_format(pil: Image.Image, source: str) -> None:
+  """Refuses anything :func:`read_png` would have to convert (see the module docstring)."""
+  rawmode = pil.tile[0][3] if pil.tile and len(pil.tile[0]) > 3 else None
+  if pil.mode == "P" or rawmode == "P" or str(rawmode).startswith("P;"):
+    raise PNGError(f"{source}: palette (indexed-colour) PNGs are not supported; save it as RGB or RGBA")
+  if pil.mode not in _CHANNELS_BY_MODE or rawmode != pil.mode:
+    depth = "16-bit" if "16" in str(rawmode) or pil.mode.startswith("I") else "sub-byte (1/2/4-bit)"
+    raise PNGError(f"{source}: {depth} samples (Pillow mode {pil.mode!r}, stored as {rawmode!r}) are not "
+                   "supported; only 8-bit gray, gray + alpha, RGB and RGBA PNGs are read")
+  if getattr(pil, "n_frames", 1) != 1:
+    raise PNGError(f"{source}: animated PNG with {pil.n_frames} frames; only still images are read")
+
+
+# What Pillow raises for broken files: OSError / UnidentifiedImageError (truncated, not an image),
+# SyntaxError (bad chunk, CRC mismatch), and a few lower-level errors for malformed headers.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
+               Image.DecompressionBombError)
+
+
+def decode_png(data: bytes, source: str = "<bytes>", channels: int | None = None) -> np.ndarray:
+  """Decodes PNG bytes (see :func:`read_png`); ``source`` names them in error messages."""
+  try:
+    # verify() walks every chunk up to IEND and checks its CRC (it catches truncated and corrupt
+    # files that the image decoder alone would accept); a verified image must be reopened to load.
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as pil:
+      pil.verify()
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as pil:
+      _check_stored_format(pil, source)
+      pil.load()
+      image = np.array(pil, dtype=np.uint8)
+    if _IEND_CHUNK not in data:
+      raise PNGError(f"{source}: truncated PNG file (no complete IEND chunk)")
+  except PNGError:
+    raise
+  except UnidentifiedImageError:
+    if not data:
+      raise PNGError(f"{source}: empty file, not a PNG") from None
+    if not data.startswith(_PNG_SIGNATURE):
+      raise PNGError(f"{source}: not a PNG file (no PNG signature)") from None
+    raise PNGError(f"{source}: truncated or corrupt PNG file (no readable header)") from None
+  except _PIL_ERRORS as e:
+    raise PNGError(f"{source}: truncated or corrupt PNG file ({type(e).__name__}: {e})") from None
+  if image.ndim == 2:
+    image = image[:, :, None]
+  if channels is not None and image.shape[2] != channels:
+    raise PNGError(f"{source}: expected {channels} channel(s), the file has {image.shape[2]} "
+                   f"({_MODE_BY_CHANNELS[image.shape[2]]})")
+  return image
+
+
+def read_png(path: str | os.PathLike, channels: int | None = None) -> np.ndarray:
+  """Reads an 8-bit PNG file, the samples exactly as stored.
+
+  Args:
+    path: the file.
+    channels: if given, the number of channels the file must have (e.g. 3 for RGB images); no
+      conversion is ever made.
+
+  Returns:
+    uint8 ``[H, W, C]``: C = 3 for RGB, 4 for RGBA, 1 for gray, 2 for gray + alpha.
+
+  Raises:
+    PNGError (a ValueError) naming ``path``: the file is missing or unreadable, not a PNG,
+      truncated or corrupt, palette-based, not 8-bit, animated, or has another channel count
+      than ``channels``.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise PNGError(f"PNG file not found: {path}") from None
+  except OSError as e:
+    raise PNGError(f"{path}: cannot read PNG file ({e})") from None
+  return decode_png(data, path, channels)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -109,13 +250,12 @@ def contact_sheet(images, columns: int | None = None, pad: int = 4, background: 
     raise ValueError(f"background must be in 0..255, got {background}")
   columns = min(columns, b)
   rows = math.ceil(b / columns)
-  sheet = np.full((rows * h + (rows + 1) * pad, columns * w + (columns + 1) * pad, c), background,
-                  np.uint8)
+  fill = int(background) if c == 1 else (int(background),) * c
+  sheet = Image.new(_MODE_BY_CHANNELS[c], (columns * w + (columns + 1) * pad, rows * h + (rows + 1) * pad), fill)
   for k in range(b):
     r, col = divmod(k, columns)
-    top, left = pad + r * (h + pad), pad + col * (w + pad)
-    sheet[top:top + h, left:left + w] = images[k]
-  return sheet
+    sheet.paste(_to_pil(images[k]), (pad + col * (w + pad), pad + r * (h + pad)))
+  return np.array(sheet, dtype=np.uint8).reshape(sheet.height, sheet.width, c)
 
 
 def save_contact_sheet(path: str | os.PathLike, images, captions: Sequence[str],

@@ -46,13 +46,13 @@ from svdquant_jax.models import checkpoint
 from svdquant_jax.pipelines import presets as presets_lib
 from svdquant_jax.models import tokenizers as tokenizers_lib
 from svdquant_jax.models.checkpoint import Rule
-from svdquant_jax.models.clip import (LEGACY_PREFIX, CLIPTextConfig, clip_abstract_params, clip_mapping,
+from svdquant_jax.models.clip import (LEGACY_PREFIX, CLIPTextConfig, abstract_clip_params, clip_mapping,
                                       load_clip_text_model)
 from svdquant_jax.models.flux import FluxConfig, abstract_flux_params, as_dtype
 from svdquant_jax.models.flux_loader import flux_mapping, load_flux_transformer
 from svdquant_jax.models.pixart import PixArtConfig, abstract_pixart_params
 from svdquant_jax.models.pixart_loader import load_pixart_transformer, pixart_mapping
-from svdquant_jax.models.t5 import T5Config, load_t5_encoder, t5_abstract_params, t5_mapping
+from svdquant_jax.models.t5 import T5Config, load_t5_encoder, abstract_t5_params, t5_mapping
 from svdquant_jax.models.vae import VAEConfig, abstract_vae_params, load_vae, vae_mapping
 from svdquant_jax.pipelines import schedulers
 from svdquant_jax.pipelines.flux import FluxPipeline
@@ -233,11 +233,11 @@ def build_tiny_pipeline(name: str, *, dtype: Any = None, seed: int = presets_lib
 
   vae_config, vae_params = retyped("vae", abstract_vae_params, vae_d)
   t5_key = "text_encoder_2" if tiny.pipeline_class == presets_lib.FLUX_PIPELINE else "text_encoder"
-  t5_config, t5_params = retyped(t5_key, t5_abstract_params)
+  t5_config, t5_params = retyped(t5_key, abstract_t5_params)
   t5_tokenizer = tokenizers_lib.byte_level_t5_tokenizer()
   if tiny.pipeline_class == presets_lib.FLUX_PIPELINE:
     transformer_config, transformer_params = retyped("transformer", abstract_flux_params)
-    clip_config, clip_params = retyped("text_encoder", clip_abstract_params)
+    clip_config, clip_params = retyped("text_encoder", abstract_clip_params)
     return FluxPipeline(transformer_config=transformer_config, transformer_params=transformer_params,
                         clip_config=clip_config, clip_params=clip_params, t5_config=t5_config, t5_params=t5_params,
                         vae_config=vae_config, vae_params=vae_params,

@@ -38,19 +38,14 @@ sigma 0.6). Activation outliers are planted where trained DiTs have them: a few 
 get large adaLN shift / scale biases (so the inputs of ``to_qkv``, ``add_qkv_proj``, ``fc1``,
 ``proj_mlp`` carry large per-channel values), a few value channels get large biases (inputs of
 ``to_out`` / ``to_add_out`` / ``proj_out_attn``), and a few MLP hidden units get large ``fc1``
-biases (inputs of ``fc2`` / ``proj_out_mlp`` after the GELU). Measured on ``flux-tiny`` (seed 0,
-float32; reproduced by ``tests/test_pipelines.py::test_tiny_weights_have_spectrum_and_outliers``):
+biases (inputs of ``fc2`` / ``proj_out_mlp`` after the GELU). The tiny VAE decoder's output layer
+is halved (:func:`_tiny_vae_params`) so that the images stay in range.
 
-* ``transformer_blocks_0/ff/fc1/kernel`` ``[128, 512]`` singular values: 8.59, 6.97, 6.02, 5.22,
-  4.60, ..., median 1.09: top / median 7.9 (the plain i.i.d. init: 1.5); ``pixart-tiny``: 7.6;
-* per-channel absmax (max over tokens) of block 0's layer inputs over one 64x64 denoising step
-  (2 prompts): ``ff/fc1`` median 1.81, max 13.9 (7.6x; i.i.d. init 2.2x), ``ff/fc2`` median
-  1.21, max 11.1 (9.2x; i.i.d. 2.1x), ``attn/to_out`` median 1.73, max 15.7 (9.1x; i.i.d. 3.2x);
-  ``pixart-tiny`` at 128x128: ``fc1`` 8.1x, ``fc2`` 6.5x, ``attn1/to_out`` 8.1x;
-* the images stay in range: 128x128 images of the first 4 built-in prompts at the defaults have
-  mean -0.09 / std 0.29 (``flux-tiny``) and -0.11 / 0.29 (``pixart-tiny``) in [-1, 1], with
-  0.6% of the uint8 values at 0 or 255. (The tiny VAE decoder's output layer is halved for this:
-  see ``_tiny_vae_params``.)
+The measured effect (singular-value spikes, per-channel absmax ratios of the layer inputs, image
+statistics, each against the plain init) and the commands that reproduce it are in
+``docs/quantization.md``, section "Tiny models: how their weights are shaped, and what was
+measured"; ``tests/test_pipelines.py::test_tiny_weights_have_spectrum_and_outliers`` checks the
+structure.
 """
 
 from __future__ import annotations
@@ -63,10 +58,10 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from svdquant_jax.models.clip import CLIPTextConfig, clip_abstract_params
+from svdquant_jax.models.clip import CLIPTextConfig, abstract_clip_params
 from svdquant_jax.models.flux import FLUX_PRESETS, FluxConfig, init_flux_params
 from svdquant_jax.models.pixart import PIXART_PRESETS, PixArtConfig, init_pixart_params
-from svdquant_jax.models.t5 import T5Config, t5_abstract_params
+from svdquant_jax.models.t5 import T5Config, abstract_t5_params
 from svdquant_jax.models.vae import VAEConfig, init_vae_params, vae_preset
 from svdquant_jax.pipelines import schedulers
 from svdquant_jax.utils import trees
@@ -332,8 +327,9 @@ def init_text_encoder_params(abstract: Mapping[str, Any], seed: int) -> dict[str
 
 def _tiny_vae_params(config: VAEConfig, seed: int) -> dict[str, Any]:
   """``init_vae_params`` with the decoder output layer halved and unbiased: the decoder's last
-  GroupNorm makes its output scale independent of the latents, and the plain init gives images
-  with std 0.6 and 10% saturated pixels; this gives std ~0.3 around 0."""
+  GroupNorm makes its output scale independent of the latents, and the plain init's images are
+  too wide, with many saturated pixels; halving brings them near mean 0 with a moderate spread
+  (measured in ``docs/quantization.md``, "Tiny models")."""
   params = init_vae_params(config, seed)
   conv_out = dict(params["decoder"]["conv_out"])
   conv_out["kernel"] = conv_out["kernel"] * 0.5
@@ -368,8 +364,8 @@ def tiny_components(name: str, seed: int = TINY_SEED) -> TinyComponents:
     vae_config = vae_preset("vae-tiny-16", **_F32)
     return TinyComponents(FLUX_PIPELINE, {
         "transformer": (config, transformer),
-        "text_encoder": (TINY_CLIP, init_text_encoder_params(clip_abstract_params(TINY_CLIP), seed + 1)),
-        "text_encoder_2": (TINY_FLUX_T5, init_text_encoder_params(t5_abstract_params(TINY_FLUX_T5), seed + 2)),
+        "text_encoder": (TINY_CLIP, init_text_encoder_params(abstract_clip_params(TINY_CLIP), seed + 1)),
+        "text_encoder_2": (TINY_FLUX_T5, init_text_encoder_params(abstract_t5_params(TINY_FLUX_T5), seed + 2)),
         "vae": (vae_config, _tiny_vae_params(vae_config, seed + 3)),
     }, schedulers.FLUX_DEV_SCHEDULER)
   if name == "pixart-tiny":
@@ -378,7 +374,7 @@ def tiny_components(name: str, seed: int = TINY_SEED) -> TinyComponents:
     vae_config = vae_preset("vae-tiny-4", **_F32)
     return TinyComponents(PIXART_SIGMA_PIPELINE, {
         "transformer": (config, transformer),
-        "text_encoder": (TINY_PIXART_T5, init_text_encoder_params(t5_abstract_params(TINY_PIXART_T5), seed + 2)),
+        "text_encoder": (TINY_PIXART_T5, init_text_encoder_params(abstract_t5_params(TINY_PIXART_T5), seed + 2)),
         "vae": (vae_config, _tiny_vae_params(vae_config, seed + 3)),
     }, TINY_PIXART_SCHEDULER)
   raise ValueError(f"{name!r} is not a built-in tiny preset; built-in: "

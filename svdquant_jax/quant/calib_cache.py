@@ -12,7 +12,8 @@ is rewritten (atomically) after every shard, so an interrupted collection resume
 first prompt without a shard. Reading streams shard by shard: host memory holds one batch.
 
 Deepcompressor draws ``num_samples`` (prompt, step, branch) caches at random (seed 0) out of
-all of them (spec §3); :meth:`CalibrationSet.select` does the same with an explicit seed.
+all of them (deepcompressor ``dataset/calib.py``; ``docs/quantization.md``,
+"deepcompressor's recipe", calibration data); :meth:`CalibrationSet.select` does the same with an explicit seed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Calibration collection: run the full-precision pipeline and record the transformer inputs.
 
-Mirrors deepcompressor's ``dataset/collect/calib.py`` (spec §3): every prompt runs through the
+Mirrors deepcompressor's ``dataset/collect/calib.py``: every prompt runs through the
 whole pipeline at the evaluation protocol (steps, guidance, resolution), and the transformer's
 call arguments at every denoising step and CFG branch are stored, one sample per batch row.
 Each prompt's image noise comes from its own seed, so a sample does not depend on which other
@@ -15,27 +15,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from svdquant_jax.quant.adapters import adapter_for_pipeline
 from svdquant_jax.quant.calib_cache import CalibrationSet, CalibrationWriter, model_fingerprint
 from svdquant_jax.utils.progress import Progress
-
-# Transformer inputs shared by the whole batch (no batch axis).
-_SHARED_INPUTS = {"flux": ("img_ids", "txt_ids"), "pixart": ()}
-
-
-def pipeline_family(pipeline: Any) -> str:
-  """``"flux"`` or ``"pixart"`` for a loaded pipeline."""
-  name = type(pipeline).__name__
-  if name == "FluxPipeline":
-    return "flux"
-  if name == "PixArtSigmaPipeline":
-    return "pixart"
-  raise ValueError(f"unsupported pipeline type {name}")
 
 
 def transformer_fingerprint(pipeline: Any) -> str:
   """:func:`model_fingerprint` of the pipeline's transformer (config + weights)."""
-  cfg = pipeline.transformer_config
-  return model_fingerprint({"family": pipeline_family(pipeline), "config": repr(cfg)}, pipeline.transformer_params)
+  adapter = adapter_for_pipeline(pipeline)
+  return model_fingerprint({"family": adapter.family, "config": repr(adapter.config)}, pipeline.transformer_params)
 
 
 def collection_settings(model: str, prompts: Sequence[str], *, num_steps: int, guidance: float | None,
@@ -59,8 +47,7 @@ def collect_calibration(pipeline: Any, prompts: Sequence[str], folder: str, *, n
   """
   if not prompts:
     raise ValueError("calibration needs at least one prompt")
-  family = pipeline_family(pipeline)
-  shared = _SHARED_INPUTS[family]
+  shared = adapter_for_pipeline(pipeline).shared_inputs
   fingerprint = transformer_fingerprint(pipeline)
   settings = collection_settings(model_name or pipeline.name, prompts, num_steps=num_steps, guidance=guidance,
                                  height=height, width=width, seed=seed)

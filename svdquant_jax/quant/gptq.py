@@ -1,4 +1,4 @@
-"""GPTQ on the SVDQuant residual, with static groups and act-order (spec §1.6).
+"""GPTQ on the SVDQuant residual, with static groups and act-order (``docs/quantization.md``, "GPTQ").
 
 In our ``[K, N]`` orientation GPTQ walks the input channels (rows of the kernel; PyTorch's
 columns). As deepcompressor's ``gptq_quantize`` with ``svdquant/gptq.yaml``:

@@ -30,13 +30,20 @@ Alternating refinement (:func:`alternating_lowrank`, spec §1.3): iteration 1 is
 ``Q = quant(Ŵ - L)``. Each iteration's candidate is scored by the caller's loss, the best is kept
 (ties go to the later iteration, as deepcompressor's ``<=``), and with ``early_stop`` the loop ends
 at the first iteration whose loss exceeds the best. One ``lax.while_loop``: compiled once.
+
+Shared branch (deepcompressor's ``exclusive: false``): layers that read one input (q, k, v kept as
+separate kernels) can share one down-projection. The refinement then runs on the concatenation
+``Ŵ = [Ŵ_1 | ... | Ŵ_n]`` along N with ``column_splits = (N_1, ..., N_n)``: one ``A [K, r]`` and
+``B = [B_1 | ... | B_n]``, while each layer's residual is quantized as its own tensor (NVFP4's
+per-tensor scale is per layer) and :func:`split_columns` gives the per-layer candidates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +156,38 @@ def svd_lowrank(w: Array, rank: int, iters: int = DEFAULT_SVD_ITERS, oversample:
   return a, b
 
 
+def split_columns(w: SVDQuantWeights, sizes: Sequence[int]) -> list[SVDQuantWeights]:
+  """Splits a layer over concatenated kernels ``[K, N_1 + ... + N_n]`` into its n layers.
+
+  Every part keeps λ and the shared ``lora_a`` and takes its columns of ``residual``, ``lora_b`` and
+  ``bias``: the layers of a shared low-rank branch.
+
+  Raises:
+    QuantizationError: ``sizes`` do not add up to N, or ``w`` already holds quantized codes
+      (quantize each part instead: the NVFP4 per-tensor scale does not split).
+  """
+  sizes = tuple(int(s) for s in sizes)
+  if sum(sizes) != w.out_features or any(s < 1 for s in sizes):
+    raise QuantizationError(f"split_columns: column sizes {sizes} do not split N={w.out_features}")
+  if w.residual_q is not None:
+    raise QuantizationError("split_columns: split the float layer before quantizing its residual")
+  parts, start = [], 0
+  for size in sizes:
+    cols = slice(start, start + size)
+    parts.append(SVDQuantWeights(w.smooth, w.residual[:, cols], w.lora_a, w.lora_b[:, cols], w.bias[cols]))
+    start += size
+  return parts
+
+
+def quantize_columns(residual: Array, fmt: QuantFormat, sizes: Sequence[int] | None = None) -> Array:
+  """``Qw`` of ``residual [K, N]``, each block of ``sizes`` columns quantized as its own tensor
+  (``None``: the whole tensor)."""
+  if sizes is None or len(sizes) == 1:
+    return fake_quant_weight(residual, fmt)
+  bounds = itertools.accumulate((int(s) for s in sizes), initial=0)
+  return jnp.concatenate([fake_quant_weight(residual[:, a:b], fmt) for a, b in itertools.pairwise(bounds)], axis=1)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LowRankResult:
   """Result of :func:`alternating_lowrank` (a pytree).
@@ -177,7 +216,7 @@ jax.tree_util.register_dataclass(
 def alternating_lowrank(w_hat: Array, rank: int, fmt: QuantFormat, loss_fn: Callable, num_iters: int = 100,
                         early_stop: bool = True, *, smooth: Array | None = None, bias: Array | None = None,
                         svd_iters: int = DEFAULT_SVD_ITERS, oversample: int | None = None,
-                        precision: Any = PRECISION) -> LowRankResult:
+                        column_splits: Sequence[int] | None = None, precision: Any = PRECISION) -> LowRankResult:
   """Low-rank branch of one smoothed kernel by alternating SVD / quantization (spec §1.3).
 
   Args:
@@ -192,6 +231,10 @@ def alternating_lowrank(w_hat: Array, rank: int, fmt: QuantFormat, loss_fn: Call
     smooth: λ ``[K]`` put in the candidates (default ones).
     bias: ``[N]`` put in the candidates (default zeros).
     svd_iters, oversample: SVD settings (each SVD after the first is warm-started).
+    column_splits: for a branch shared by several layers, ``w_hat`` is their concatenation along N
+      and these are the layers' column counts: each layer's residual is quantized as its own tensor
+      (``loss_fn`` receives the concatenated candidate; split it with :func:`split_columns`).
+      ``None``: one layer.
 
   Returns:
     :class:`LowRankResult` of the best iteration.
@@ -199,15 +242,21 @@ def alternating_lowrank(w_hat: Array, rank: int, fmt: QuantFormat, loss_fn: Call
   if rank < 1 or num_iters < 1 or rank > min(w_hat.shape):
     raise QuantizationError(f"alternating_lowrank needs 1 <= rank <= min(K, N) and num_iters >= 1, got rank "
                             f"{rank}, num_iters {num_iters} for a kernel of shape {w_hat.shape}")
+  if column_splits is not None:
+    column_splits = tuple(int(s) for s in column_splits)
+    if sum(column_splits) != w_hat.shape[1] or any(s < 1 for s in column_splits):
+      raise QuantizationError(f"alternating_lowrank: column_splits {column_splits} do not split N={w_hat.shape[1]}")
+    if len(column_splits) == 1:
+      column_splits = None
   return _alternating_lowrank(w_hat, as_traceable_loss(loss_fn), smooth, bias, rank=rank, fmt=fmt,
                               num_iters=num_iters, early_stop=early_stop, svd_iters=svd_iters,
-                              oversample=oversample, precision=precision)
+                              oversample=oversample, column_splits=column_splits, precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "fmt", "num_iters", "early_stop", "svd_iters",
-                                             "oversample", "precision"))
+                                             "oversample", "column_splits", "precision"))
 def _alternating_lowrank(w_hat, loss_fn, smooth, bias, *, rank, fmt, num_iters, early_stop, svd_iters,
-                         oversample, precision) -> LowRankResult:
+                         oversample, column_splits, precision) -> LowRankResult:
   k, n = w_hat.shape
   w_hat = w_hat.astype(jnp.float32)
   smooth = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
@@ -222,7 +271,7 @@ def _alternating_lowrank(w_hat, loss_fn, smooth, bias, *, rank, fmt, num_iters, 
   a0, b0, basis0, residual0, loss0 = evaluate(w_hat, initial_basis((k, n), rank, oversample))
   losses0 = jnp.full((num_iters,), jnp.nan, jnp.float32).at[0].set(loss0)
   # carry: (t, Q_{t-1}, basis, best_a, best_b, best_loss, best_iter, stopped, losses)
-  init = (jnp.asarray(1, jnp.int32), fake_quant_weight(residual0, fmt), basis0, a0, b0, loss0,
+  init = (jnp.asarray(1, jnp.int32), quantize_columns(residual0, fmt, column_splits), basis0, a0, b0, loss0,
           jnp.asarray(0, jnp.int32), jnp.asarray(False), losses0)
 
   def cond(c):
@@ -233,7 +282,7 @@ def _alternating_lowrank(w_hat, loss_fn, smooth, bias, *, rank, fmt, num_iters, 
     t, q_prev, basis, best_a, best_b, best_loss, best_iter, _, losses = c
     a, b, basis, residual, loss = evaluate(w_hat - q_prev, basis)
     better = loss <= best_loss
-    return (t + 1, fake_quant_weight(residual, fmt), basis, jnp.where(better, a, best_a),
+    return (t + 1, quantize_columns(residual, fmt, column_splits), basis, jnp.where(better, a, best_a),
             jnp.where(better, b, best_b), jnp.where(better, loss, best_loss), jnp.where(better, t, best_iter),
             early_stop & ~better, losses.at[t].set(loss))
 
@@ -242,5 +291,5 @@ def _alternating_lowrank(w_hat, loss_fn, smooth, bias, *, rank, fmt, num_iters, 
   return LowRankResult(a, b, residual, losses, best_iter, t)
 
 
-__all__ = ["DEFAULT_SVD_ITERS", "basis_size", "initial_basis", "subspace_svd", "svd_lowrank", "LowRankResult",
-           "alternating_lowrank"]
+__all__ = ["DEFAULT_SVD_ITERS", "basis_size", "initial_basis", "subspace_svd", "svd_lowrank", "split_columns",
+           "quantize_columns", "LowRankResult", "alternating_lowrank"]

@@ -1,8 +1,8 @@
-"""Block-by-block SVDQuant post-training quantization of a transformer (spec §1.1).
+"""Block-by-block SVDQuant post-training quantization of a transformer (as deepcompressor's PTQ loop).
 
 For each block, in order:
   1. record the inputs of the block's linear groups over all calibration samples (one pass);
-  2. per group (policy.py): smoothing search -> low-rank branch (alternating) -> optional GPTQ,
+  2. per linear group (the family's adapter, ``adapters/``): smoothing search -> low-rank branch (alternating) -> optional GPTQ,
      minimizing the output error of the group's eval module (``quantize_linear_group``);
   3. weight-only (W4A16) layers: round to nearest;
   4. save the block's result (orbax) and mark it done in ``progress.json``, so that a killed run
@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from svdquant_jax.formats.quantizers import GELU_SHIFT, W4A16_INT4, QuantFormat, QuantizedWeight
 from svdquant_jax.quant import block_calib
 from svdquant_jax.quant.adapters import BlockRef, ModelAdapter, State
 from svdquant_jax.quant.calib_cache import CalibrationSet
-from svdquant_jax.quant.policy import POLICIES, resolve_skips
-from svdquant_jax.formats.quantizers import (FORMATS, GELU_SHIFT, QuantFormat, QuantizedWeight, W4A16_INT4)
-from svdquant_jax.quant.smooth import alpha_beta_grid
+from svdquant_jax.quant.settings import PTQSettings
 from svdquant_jax.quant.svdquant import SVDQuantWeights, plain_weights, quantize_linear_group
 from svdquant_jax.quant.taps import parse_path
 from svdquant_jax.utils.files import atomic_write_text, quiet_info_logs
@@ -43,55 +42,6 @@ PROGRESS_FILE = "progress.json"
 
 class ResumeError(ValueError):
   """Saved progress does not match the run being resumed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PTQSettings:
-  """What to quantize and how (built from the ``quant`` and ``calib`` config sections)."""
-  format: str = "int4"
-  rank: int = 32
-  smooth: bool = True
-  num_grids: int = 20
-  lowrank_iters: int = 100
-  early_stop: bool = True
-  gptq: bool = False
-  gptq_damp: float = 0.01
-  gptq_block_size: int = 128
-  shift_activations: bool = True
-  weight_only_adaln: bool = True
-  skips: tuple[str, ...] = ()
-  candidate_batch: int = 8
-  batch_size: int = 8
-  replay: str = "fp"
-  max_tokens: int = 0
-  token_seed: int = 0
-
-  def __post_init__(self):
-    if self.format not in FORMATS:
-      raise ValueError(f"unknown quantization format {self.format!r}; expected one of {sorted(FORMATS)}")
-    if self.replay not in ("fp", "quantized"):
-      raise ValueError(f"calib.replay must be 'fp' or 'quantized', got {self.replay!r}")
-    if self.rank < 0:
-      raise ValueError(f"quant.rank must be >= 0, got {self.rank}")
-    if self.batch_size <= 0 or self.candidate_batch <= 0:
-      raise ValueError("calib.batch_size and quant.smooth.candidates_per_batch must be positive")
-
-  @property
-  def fmt(self) -> QuantFormat:
-    return FORMATS[self.format]
-
-  @classmethod
-  def from_config(cls, config: Any) -> "PTQSettings":
-    q, c = config.quant, config.calib
-    return cls(format=q.format, rank=q.rank, smooth=q.smooth.enabled, num_grids=q.smooth.num_grids,
-               lowrank_iters=q.lowrank.num_iters, early_stop=q.lowrank.early_stop, gptq=q.gptq.enabled,
-               gptq_damp=q.gptq.damp, gptq_block_size=q.gptq.block_size, shift_activations=q.shift_activations,
-               weight_only_adaln=q.weight_only_adaln, skips=tuple(q.skips),
-               candidate_batch=q.smooth.candidates_per_batch, batch_size=c.batch_size, replay=c.replay,
-               max_tokens=c.get("max_tokens", 0), token_seed=c.seed)
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,26 +66,8 @@ def initial_state(adapter: ModelAdapter, params: Mapping[str, Any], calib: Calib
   embed = jax.jit(adapter.embed)
   parts = []
   for batch in calib.batches(list(indices), batch_size):
-    parts.append(embed(params, {k: jnp.asarray(v) for k, v in _as_call_inputs(adapter, batch).items()}))
+    parts.append(embed(params, {k: jnp.asarray(v) for k, v in adapter.call_inputs(batch).items()}))
   return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-
-
-def _as_call_inputs(adapter: ModelAdapter, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Stacked calibration samples -> the transformer's call arguments.
-
-  Per-sample tensors gain a batch axis when stacked; the FLUX token ids are shared by the batch
-  (``[S, 3]`` in the model), so they are taken from the first sample after checking that all
-  samples agree (samples of different resolutions cannot be batched).
-  """
-  out = dict(batch)
-  if adapter.family == "flux":
-    for name in ("img_ids", "txt_ids"):
-      ids = out[name]
-      if not np.all(ids == ids[:1]):
-        raise ValueError(f"calibration samples in one batch have different {name} (different resolutions); "
-                         "collect calibration data at one resolution")
-      out[name] = ids[0]
-  return out
 
 
 # ----------------------------------------------------------------------------- one block
@@ -161,9 +93,9 @@ def quantize_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, 
                    settings: PTQSettings, skipped: set[tuple[str, str]], block_index: int,
                    log: Callable[[str], None] = lambda s: None) -> dict[str, QuantizedLayer]:
   """Quantizes one block's layers; returns ``{block-relative layer path: QuantizedLayer}``."""
-  policy = POLICIES[block.kind]
-  fmt = model_format(settings, adapter)
-  grid = alpha_beta_grid(settings.num_grids) if settings.smooth else None
+  policy = block.policy
+  fmt = settings.fmt
+  grid = settings.smoothing_grid if settings.smooth else None
   result: dict[str, QuantizedLayer] = {}
   for g_index, group in enumerate(policy.groups):
     layers = [l for l in group.layers if (block.name, l) not in skipped]
@@ -191,12 +123,9 @@ def quantize_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, 
       loss = block_calib.ModuleOutputLoss(params, state, rec["outputs"][eval_path], adapter, block.kind, paths,
                                           eval_path, fmt, tuple(shifts), settings.batch_size)
     gptq_inputs = None if (group.shared_input or not settings.gptq) else xs
-    weights, info = quantize_linear_group(
-        list(kernels), list(biases), x_all, fmt, rank=settings.rank, smooth=settings.smooth, grid=grid,
-        lowrank_iters=settings.lowrank_iters if settings.rank else 1, early_stop=settings.early_stop,
-        gptq=settings.gptq, shifts=shifts, loss_fn=loss, name=f"{block.name}/{group.name}",
-        candidate_batch=settings.candidate_batch, gptq_block_size=settings.gptq_block_size,
-        gptq_damp=settings.gptq_damp, gptq_inputs=gptq_inputs, return_info=True)
+    weights, info = quantize_linear_group(list(kernels), list(biases), x_all, settings, shifts=shifts, loss_fn=loss,
+                                          name=f"{block.name}/{group.name}", gptq_inputs=gptq_inputs,
+                                          return_info=True)
     for layer, w in zip(layers, weights):
       result[layer] = QuantizedLayer(w, fmt, shift)
     log(_group_log(block.name, group.name, info, grid))
@@ -207,12 +136,6 @@ def quantize_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, 
         weight_only = dataclasses.replace(W4A16_INT4, scale_dtype=fmt.scale_dtype)
         result[layer] = QuantizedLayer(plain_weights(kernel, bias), weight_only, 0.0)
   return result
-
-
-def model_format(settings: PTQSettings, adapter: ModelAdapter) -> QuantFormat:
-  """The format with its scale storage dtype set to the model's parameter dtype, so that the
-  searches see exactly the scales the deployed layer stores (bf16 for FLUX, fp16 for PixArt)."""
-  return dataclasses.replace(settings.fmt, scale_dtype=jnp.dtype(adapter.config.param_dtype).name)
 
 
 def _group_log(block: str, group: str, info: Any, grid: Any) -> str:
@@ -358,7 +281,7 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
     log: receives one progress line per block and one line per group.
   """
   blocks = adapter.blocks()
-  skipped = resolve_skips(settings.skips, {b.name: b.kind for b in blocks})
+  skipped = adapter.resolve_skips(settings.skips)
   result: dict[str, QuantizedLayer] = {}
   bar = Progress(len(blocks), "[ptq] block", style="lines", stream=_LogStream(log))
   fresh = 0
@@ -415,9 +338,7 @@ def block_errors(adapter: ModelAdapter, params: Mapping[str, Any], state: State,
     fp = replay_block(adapter, block, params[block.name], fp, mine, fp_settings)
     q = replay_block(adapter, block, params[block.name], q, mine, q_settings)
     num = den = 0.0
-    # PixArt blocks update only the image stream; FLUX blocks update both.
-    keys = ("hidden_states",) if block.kind == "pixart" else ("hidden_states", "encoder_hidden_states")
-    for key in keys:
+    for key in adapter.streams:
       a, b = np.asarray(q[key], np.float64), np.asarray(fp[key], np.float64)
       num += float(np.sum((a - b) ** 2))
       den += float(np.sum(b ** 2))

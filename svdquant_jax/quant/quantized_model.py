@@ -26,8 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from svdquant_jax.nn import QuantSpec, WeightOnlySpec, replace_dense_params, swap_dense, weight_only_params
-from svdquant_jax.formats import packing
 from svdquant_jax.quant.adapters import ModelAdapter
+from svdquant_jax.quant.deploy import to_quantized_linear
 from svdquant_jax.quant.ptq import QuantizedLayer
 from svdquant_jax.quant.svdquant import quantized_residual
 from svdquant_jax.utils.files import atomic_directory, atomic_write_text, quiet_info_logs, read_json
@@ -37,7 +37,6 @@ from svdquant_jax.utils.safetensors_io import CheckpointError
 FORMAT_VERSION = 1
 CONFIG_FILE = "quant_config.json"
 Spec = QuantSpec | WeightOnlySpec
-_PACKED_FORMAT = {"int4": "int4", "nvfp4": "nvfp4", "int8": "int8"}
 
 
 class QuantizedCheckpointError(CheckpointError):
@@ -47,9 +46,9 @@ class QuantizedCheckpointError(CheckpointError):
 def layer_to_params(layer: QuantizedLayer, dtype: Any) -> tuple[Spec, dict[str, Any]]:
   """The deployed form of one quantized layer: ``(spec, params subtree)``.
 
-  W4A4/NVFP4/W8A8 layers pack their residual (RTN codes of ``R`` with scales in ``dtype``, or
-  GPTQ's codes) with :func:`~svdquant_jax.pallas.from_components`; weight-only layers quantize
-  ``R = W`` (λ = 1, no branch) with scales in ``dtype``.
+  W4A4/NVFP4/W8A8 layers are packed by :func:`~svdquant_jax.quant.deploy.to_quantized_linear`
+  (GPTQ's codes when set, else the RTN codes of ``R``); weight-only layers quantize ``R = W``
+  (λ = 1, no branch) with scales in ``dtype``.
   """
   w, fmt = layer.weights, layer.fmt
   if fmt.act is None:
@@ -58,14 +57,7 @@ def layer_to_params(layer: QuantizedLayer, dtype: Any) -> tuple[Spec, dict[str, 
     spec = WeightOnlySpec("int4" if fmt.weight == "int4" else "nf4", fmt.group_size)
     kernel = w.residual if w.residual_q is None else quantized_residual(w, fmt)
     return spec, weight_only_params(kernel, w.bias, spec, dtype)
-  packed_fmt = _PACKED_FORMAT[fmt.weight]
-  common = dict(fmt=packed_fmt, shift=layer.shift, dtype=dtype)
-  if w.residual_q is None:
-    ql = packing.from_components(w.smooth, w.lora_a, w.lora_b, w.bias, residual=w.residual, **common)
-  else:
-    rq = w.residual_q
-    ql = packing.from_components(w.smooth, w.lora_a, w.lora_b, w.bias, codes=rq.codes, scales=rq.scales,
-                                 tensor_scale=rq.tensor_scale if packed_fmt == "nvfp4" else None, **common)
+  ql = to_quantized_linear(w, fmt, shift=layer.shift, dtype=dtype)
   return QuantSpec.of(ql), ql
 
 

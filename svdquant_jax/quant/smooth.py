@@ -14,6 +14,9 @@
   * each candidate is scored with one-shot SVDQuant applied (rank-r SVD of every Ŵ_i, RTN of the
     residual, activation quantization) by the caller's loss, the squared output error of the
     enclosing module; the minimum wins, ties going to the later pair (deepcompressor's ``<=``).
+    With a shared branch (``shared_branch=True``, deepcompressor's ``exclusive: false``) the
+    candidates carry the branch structure that is deployed: one rank-r SVD of the concatenation
+    ``[Ŵ_1 | ... | Ŵ_n]``, split by columns (:func:`shared_one_shot_candidates`).
 
 The search evaluates ``candidate_batch`` candidates at a time with ``lax.map`` (a sequential loop
 of vmapped chunks) so that memory stays that of ``candidate_batch`` candidates at FLUX size, and
@@ -29,7 +32,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from svdquant_jax.quant.lowrank import DEFAULT_SVD_ITERS, svd_lowrank
+from svdquant_jax.quant.lowrank import DEFAULT_SVD_ITERS, split_columns, svd_lowrank
 from svdquant_jax.formats.quantizers import QuantFormat, QuantizationError
 from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, as_traceable_loss, fake_forward
 
@@ -75,6 +78,18 @@ def one_shot_candidate(kernel: Array, smooth: Array, bias: Array, rank: int, svd
   return SVDQuantWeights(smooth, w_hat - jnp.dot(a, b, precision=precision), a, b, bias)
 
 
+def shared_one_shot_candidates(kernels: Sequence[Array], smooth: Array, biases: Sequence[Array], rank: int,
+                               svd_iters: int = DEFAULT_SVD_ITERS, oversample: int | None = None,
+                               precision: Any = PRECISION) -> list[SVDQuantWeights]:
+  """Plain SVDQuant of kernels sharing one branch: ``A B = SVD_r([Ŵ_1 | ... | Ŵ_n])``; each layer
+  gets the common ``A``, its columns of ``B`` and ``R_i = Ŵ_i - A B_i``."""
+  w_hat = jnp.concatenate([smooth[:, None] * w.astype(jnp.float32) for w in kernels], axis=1)
+  a, b = svd_lowrank(w_hat, rank, svd_iters, oversample, precision)
+  whole = SVDQuantWeights(smooth, w_hat - jnp.dot(a, b, precision=precision), a, b,
+                          jnp.concatenate([jnp.asarray(bias, jnp.float32) for bias in biases]))
+  return split_columns(whole, [w.shape[1] for w in kernels])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SmoothingResult:
   """Result of :func:`search_smoothing` (a pytree).
@@ -96,7 +111,7 @@ def search_smoothing(kernels: Sequence[Array], x_absmax: Array, loss_fn: Callabl
                      biases: Sequence[Array] | None = None, rank: int = 32,
                      grid: Sequence[tuple[float, float]] | None = None, candidate_batch: int = 1,
                      svd_iters: int = DEFAULT_SVD_ITERS, oversample: int | None = None,
-                     precision: Any = PRECISION) -> SmoothingResult:
+                     shared_branch: bool = False, precision: Any = PRECISION) -> SmoothingResult:
   """Grid search of λ for the kernels sharing one input (spec §1.2).
 
   Args:
@@ -110,6 +125,8 @@ def search_smoothing(kernels: Sequence[Array], x_absmax: Array, loss_fn: Callabl
     grid: (α, β) pairs (default :func:`alpha_beta_grid` ``(20)``).
     candidate_batch: candidates evaluated together.
     svd_iters, oversample, precision: SVD settings.
+    shared_branch: score each candidate with one branch shared by all kernels
+      (:func:`shared_one_shot_candidates`) instead of one branch per kernel.
 
   Returns:
     :class:`SmoothingResult`.
@@ -122,21 +139,25 @@ def search_smoothing(kernels: Sequence[Array], x_absmax: Array, loss_fn: Callabl
     raise QuantizationError(f"candidate_batch must be >= 1, got {candidate_batch}")
   return _search_smoothing(list(kernels), x_absmax, as_traceable_loss(loss_fn), biases, fmt=fmt, rank=rank,
                            grid=grid, candidate_batch=candidate_batch, svd_iters=svd_iters,
-                           oversample=oversample, precision=precision)
+                           oversample=oversample, shared_branch=bool(shared_branch and rank and len(kernels) > 1),
+                           precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "rank", "grid", "candidate_batch", "svd_iters", "oversample",
-                                             "precision"))
+                                             "shared_branch", "precision"))
 def _search_smoothing(kernels, x_absmax, loss_fn, biases, *, fmt, rank, grid, candidate_batch, svd_iters,
-                      oversample, precision) -> SmoothingResult:
+                      oversample, shared_branch, precision) -> SmoothingResult:
   del fmt  # the loss quantizes; kept static so that a format change recompiles explicitly
   w_absmax = weight_absmax(kernels)
   pairs = jnp.asarray(grid, jnp.float32)
 
   def evaluate(pair):
     lam = smooth_scale(x_absmax, w_absmax, pair[0], pair[1])
-    candidates = [one_shot_candidate(w, lam, b, rank, svd_iters, oversample, precision)
-                  for w, b in zip(kernels, biases)]
+    if shared_branch:
+      candidates = shared_one_shot_candidates(kernels, lam, biases, rank, svd_iters, oversample, precision)
+    else:
+      candidates = [one_shot_candidate(w, lam, b, rank, svd_iters, oversample, precision)
+                    for w, b in zip(kernels, biases)]
     return jnp.asarray(loss_fn(candidates), jnp.float32)
 
   losses = jax.lax.map(evaluate, pairs, batch_size=candidate_batch if candidate_batch > 1 else None)
@@ -200,4 +221,4 @@ def linear_output_loss(x_samples: Array, kernels: Sequence[Array], biases: Seque
 
 
 __all__ = ["alpha_beta_grid", "activation_absmax", "weight_absmax", "smooth_scale", "one_shot_candidate",
-           "SmoothingResult", "search_smoothing", "LinearOutputLoss", "linear_output_loss"]
+           "shared_one_shot_candidates", "SmoothingResult", "search_smoothing", "LinearOutputLoss", "linear_output_loss"]

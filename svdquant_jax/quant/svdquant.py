@@ -4,13 +4,20 @@
 search (``smooth.py``) -> low-rank branch with alternating refinement (``lowrank.py``) ->
 optional GPTQ on the residual (``gptq.py``). The float form it returns and the fake-quantized
 forward live in ``weights.py`` (re-exported here).
+
+Each kernel gets its own low-rank branch by default. With ``shared_branch=True`` (deepcompressor's
+``exclusive: false``) the kernels share one: the branch is refined on the concatenation
+``[Ŵ_1 | ... | Ŵ_n]`` along N, so every layer carries the same ``A [K, r]`` and its column slice of
+``B``, the residual and the bias; the smoothing candidates are scored with that structure, and
+GPTQ still quantizes each layer's residual separately. This is what fusing the kernels into one
+``Dense`` (q/k/v -> ``to_qkv``) gives, for models that keep them apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +27,7 @@ from svdquant_jax.formats.quantizers import GELU_SHIFT, QuantFormat, Quantizatio
 from svdquant_jax.quant import gptq as gptq_lib
 from svdquant_jax.quant import lowrank as lowrank_lib
 from svdquant_jax.quant import smooth as smooth_lib
+from svdquant_jax.quant.settings import PTQSettings
 from svdquant_jax.quant.weights import (PRECISION, SVDQuantWeights, act_shift, as_traceable_loss, effective_bias,
                                         fake_forward, plain_weights, quantized_residual, to_lora_down)
 
@@ -35,7 +43,8 @@ class GroupQuantInfo:
     smooth_index: ``int32 []`` index of the chosen (α, β) pair in the grid (-1: no smoothing).
     smooth_losses: ``[P]`` loss of every grid pair (empty without smoothing).
     lowrank_losses: per kernel, ``[lowrank_iters]`` loss of each alternating iteration (NaN for
-      iterations not run after an early stop).
+      iterations not run after an early stop); with a shared branch, the one refinement's losses
+      (of the whole group) repeated for every kernel.
     lowrank_best: per kernel, ``int32 []`` index of the kept iteration (0 = plain SVDQuant).
     gptq_inv_tries: per kernel, ``int32 []`` Cholesky attempts GPTQ needed (0 without GPTQ).
     gptq_stable: per kernel, ``bool []`` whether the damped Hessian inverse succeeded.
@@ -68,53 +77,77 @@ class _OneLayerLoss:
 
 jax.tree_util.register_dataclass(_OneLayerLoss, data_fields=["group_loss"], meta_fields=["index", "count"])
 
-_STATIC = ("fmt", "rank", "smooth", "grid", "lowrank_iters", "early_stop", "gptq", "shifts",
-           "candidate_batch", "svd_iters", "oversample", "gptq_block_size", "gptq_damp",
-           "hessian_block_rows")
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _SharedBranchLoss:
+  """Adapts a group loss to one candidate over the concatenated kernels (a shared branch): the
+  candidate is split by columns into the layers' candidates."""
+  group_loss: Callable
+  sizes: tuple
+
+  def __call__(self, candidate: SVDQuantWeights) -> Array:
+    return self.group_loss(lowrank_lib.split_columns(candidate, self.sizes))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, fmt, rank, smooth, grid,
-                         lowrank_iters, early_stop, gptq, shifts, candidate_batch, svd_iters, oversample,
-                         gptq_block_size, gptq_damp, hessian_block_rows):
+jax.tree_util.register_dataclass(_SharedBranchLoss, data_fields=["group_loss"], meta_fields=["sizes"])
+
+@functools.partial(jax.jit, static_argnames=("settings", "shifts"))
+def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, settings: PTQSettings, shifts):
+  fmt, rank = settings.fmt, settings.rank
+  svd_iters = settings.svd_iters or lowrank_lib.DEFAULT_SVD_ITERS
+  shared_branch = bool(settings.shared_branch and rank and len(kernels) > 1)
   k = kernels[0].shape[0]
   x = x_samples.reshape(-1, k).astype(jnp.float32)
   kernels = [w.astype(jnp.float32) for w in kernels]
   biases = [b.astype(jnp.float32) for b in biases]
   if loss_fn is None:
     loss_fn = smooth_lib.linear_output_loss(x, kernels, biases, fmt, shifts)
-  if smooth:
+  if settings.smooth:
     found = smooth_lib.search_smoothing(
-        kernels, smooth_lib.activation_absmax(x), loss_fn, fmt, biases=biases, rank=rank, grid=grid,
-        candidate_batch=candidate_batch, svd_iters=svd_iters, oversample=oversample)
+        kernels, smooth_lib.activation_absmax(x), loss_fn, fmt, biases=biases, rank=rank,
+        grid=settings.smoothing_grid, candidate_batch=settings.candidate_batch, svd_iters=svd_iters,
+        oversample=settings.oversample, shared_branch=shared_branch)
     lam, smooth_index, smooth_losses = found.smooth, found.index, found.losses
   else:
     lam = jnp.ones((k,), jnp.float32)
     smooth_index, smooth_losses = jnp.asarray(-1, jnp.int32), jnp.zeros((0,), jnp.float32)
 
   layers, lr_losses, lr_best = [], [], []
-  for i, (w, b) in enumerate(zip(kernels, biases)):
-    w_hat = lam[:, None] * w
-    if rank:
-      result = lowrank_lib.alternating_lowrank(
-          w_hat, rank, fmt, _OneLayerLoss(loss_fn, i, len(kernels)), lowrank_iters, early_stop,
-          smooth=lam, bias=b, svd_iters=svd_iters, oversample=oversample)
-      layers.append(SVDQuantWeights(lam, result.residual, result.lora_a, result.lora_b, b))
-      lr_losses.append(result.losses)
-      lr_best.append(result.best_iter)
-    else:
-      layers.append(plain_weights(w, b, lam))
-      lr_losses.append(jnp.zeros((0,), jnp.float32))
-      lr_best.append(jnp.asarray(0, jnp.int32))
+  if shared_branch:  # one branch for the concatenated kernels (rank >= 1 and >= 2 kernels here)
+    sizes = tuple(w.shape[1] for w in kernels)
+    w_hat = jnp.concatenate([lam[:, None] * w for w in kernels], axis=1)
+    b_cat = jnp.concatenate(biases)
+    result = lowrank_lib.alternating_lowrank(
+        w_hat, rank, fmt, _SharedBranchLoss(loss_fn, sizes), settings.lowrank_iters, settings.early_stop,
+        smooth=lam, bias=b_cat, svd_iters=svd_iters, oversample=settings.oversample, column_splits=sizes)
+    layers = lowrank_lib.split_columns(
+        SVDQuantWeights(lam, result.residual, result.lora_a, result.lora_b, b_cat), sizes)
+    lr_losses = [result.losses] * len(kernels)
+    lr_best = [result.best_iter] * len(kernels)
+  else:
+    for i, (w, b) in enumerate(zip(kernels, biases)):
+      w_hat = lam[:, None] * w
+      if rank:
+        result = lowrank_lib.alternating_lowrank(
+            w_hat, rank, fmt, _OneLayerLoss(loss_fn, i, len(kernels)), settings.lowrank_iters,
+            settings.early_stop, smooth=lam, bias=b, svd_iters=svd_iters, oversample=settings.oversample)
+        layers.append(SVDQuantWeights(lam, result.residual, result.lora_a, result.lora_b, b))
+        lr_losses.append(result.losses)
+        lr_best.append(result.best_iter)
+      else:
+        layers.append(plain_weights(w, b, lam))
+        lr_losses.append(jnp.zeros((0,), jnp.float32))
+        lr_best.append(jnp.asarray(0, jnp.int32))
 
   tries = [jnp.asarray(0, jnp.int32)] * len(layers)
   stable = [jnp.asarray(True)] * len(layers)
-  if gptq:
-    shared = None if gptq_inputs is not None else gptq_lib.hessian_from_inputs(x, lam, block_rows=hessian_block_rows)
+  if settings.gptq:
+    rows = settings.hessian_block_rows
+    shared = None if gptq_inputs is not None else gptq_lib.hessian_from_inputs(x, lam, block_rows=rows)
     for i, layer in enumerate(layers):
-      hess = shared if shared is not None else gptq_lib.hessian_from_inputs(
-          gptq_inputs[i], lam, block_rows=hessian_block_rows)
-      res = gptq_lib.gptq_quantize(layer.residual, hess, fmt, block_size=gptq_block_size, damp=gptq_damp)
+      hess = shared if shared is not None else gptq_lib.hessian_from_inputs(gptq_inputs[i], lam, block_rows=rows)
+      res = gptq_lib.gptq_quantize(layer.residual, hess, fmt, block_size=settings.gptq_block_size,
+                                   damp=settings.gptq_damp, max_inv_tries=settings.gptq_max_inv_tries)
       layers[i] = dataclasses.replace(layer, residual_q=res.qweight)
       tries[i], stable[i] = res.inv_tries, res.stable
   info = GroupQuantInfo(smooth_index, smooth_losses, tuple(lr_losses), tuple(lr_best), tuple(tries), tuple(stable))
@@ -134,12 +167,13 @@ def _is_concrete(*trees) -> bool:
 def validate_group_inputs(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
                           fmt: QuantFormat, *, rank: int = 32, lowrank_iters: int = 100,
                           shifts: Sequence[float] | None = None, name: str = "linear",
-                          batch_dims: int = 0,
-                          check_values: bool = True) -> tuple[list[Array | None], tuple[float, ...]]:
+                          batch_dims: int = 0, check_values: bool = True,
+                          shared_branch: bool = False) -> tuple[list[Array | None], tuple[float, ...]]:
   """Checks the inputs of :func:`quantize_linear_group`; raises :class:`QuantizationError` naming
   ``name``.
 
-  Shapes, group divisibility and ranks are always checked; NaN/Inf in ``x_samples`` and the
+  Shapes, group divisibility and ranks (``rank <= min(K, N_i)``; with ``shared_branch``,
+  ``rank <= min(K, N_1 + ... + N_n)``) are always checked; NaN/Inf in ``x_samples`` and the
   kernels only when the arrays are concrete (under a caller's ``jit``/``vmap`` they are tracers:
   use :func:`quantize_linear_groups` or call this on the concrete arrays first).
 
@@ -169,7 +203,11 @@ def validate_group_inputs(kernels: Sequence[Array], biases: Sequence[Array | Non
   shifts = tuple(float(s) for s in (shifts if shifts is not None else [0.0] * len(kernels)))
   if len(shifts) != len(kernels):
     raise QuantizationError(f"{name}: {len(shifts)} shifts for {len(kernels)} kernels")
-  if rank < 0 or rank > min(min(k, s[-1]) for s in shapes):
+  if shared_branch:
+    if rank < 0 or rank > min(k, sum(s[-1] for s in shapes)):
+      raise QuantizationError(f"{name}: rank {rank} of the shared branch must be in [0, min(K, N_1 + ... + N_n)] "
+                              f"for kernels {shapes}")
+  elif rank < 0 or rank > min(min(k, s[-1]) for s in shapes):
     raise QuantizationError(f"{name}: rank {rank} must be in [0, min(K, N)] for kernels {shapes}")
   if rank and lowrank_iters < 1:
     raise QuantizationError(f"{name}: lowrank_iters must be >= 1 (1 = one-shot SVD), got {lowrank_iters}")
@@ -187,18 +225,28 @@ def _zero_biases(kernels, biases, batch_dims=0):
           for w, b in zip(kernels, biases)]
 
 
-def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
-                          fmt: QuantFormat, rank: int = 32, smooth: bool = True,
-                          grid: Sequence[tuple[float, float]] | None = None, lowrank_iters: int = 100,
-                          early_stop: bool = True, gptq: bool = False, shifts: Sequence[float] | None = None,
-                          loss_fn: Callable | None = None, name: str = "linear", candidate_batch: int = 1,
-                          svd_iters: int | None = None, oversample: int | None = None,
-                          gptq_block_size: int = 128, gptq_damp: float = 0.01, hessian_block_rows: int = 512,
-                          gptq_inputs: Sequence[Array] | None = None, return_info: bool = False):
-  """SVDQuant for the linear layers that read one input (one λ, one branch per kernel).
+def as_settings(settings: PTQSettings | QuantFormat, **overrides: Any) -> PTQSettings:
+  """``settings`` with ``overrides`` applied; a bare format means ``PTQSettings(fmt=..., candidate_batch=1)``."""
+  if isinstance(settings, QuantFormat):
+    settings = PTQSettings(fmt=settings, candidate_batch=1)
+  if not isinstance(settings, PTQSettings):
+    raise QuantizationError(f"settings must be a PTQSettings or a QuantFormat, got {type(settings).__name__}")
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PTQSettings)})
+  if unknown:
+    raise QuantizationError(f"unknown setting(s) {unknown}; PTQSettings fields are "
+                            f"{[f.name for f in dataclasses.fields(PTQSettings)]}")
+  return settings.replace(**overrides) if overrides else settings
 
-  Smoothing search over ``grid`` (§1.2) -> per kernel, low-rank branch by alternating refinement
-  (§1.3; ``lowrank_iters=1`` is one-shot SVDQuant) -> optionally GPTQ on each residual (§1.6).
+
+def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
+                          settings: PTQSettings | QuantFormat, *, shifts: Sequence[float] | None = None,
+                          loss_fn: Callable | None = None, name: str = "linear",
+                          gptq_inputs: Sequence[Array] | None = None, return_info: bool = False, **overrides: Any):
+  """SVDQuant for the linear layers that read one input (one λ, one branch per kernel or one shared).
+
+  Smoothing search over the (α, β) grid -> per kernel (or, with ``shared_branch``, once for the
+  concatenated kernels), low-rank branch by alternating refinement (``lowrank_iters=1`` is
+  one-shot SVDQuant) -> optionally GPTQ on each residual (``docs/quantization.md``).
   Jitted once per shapes and static settings; vmappable over a leading axis of same-shaped groups
   (see :func:`quantize_linear_groups`).
 
@@ -207,25 +255,28 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
       ``proj_mlp``).
     biases: ``[N_i]`` biases or ``None`` entries (or ``None``: no biases).
     x_samples: calibration inputs ``[..., K]`` (tokens of all samples).
-    fmt: quantization format.
-    rank: branch rank r (0: no branch).
-    smooth: search λ over ``grid``; False: λ = 1.
-    grid: (α, β) pairs (default :func:`~svdquant_jax.quant.smooth.alpha_beta_grid` ``(20)``, 39 pairs).
-    lowrank_iters: alternating iterations (deepcompressor: 100 with early stop).
-    early_stop: stop at the first iteration whose loss exceeds the best.
-    gptq: quantize the residuals with GPTQ (Hessian of the smoothed ``x_samples``).
+    settings: how to quantize (:class:`~svdquant_jax.quant.settings.PTQSettings`: format, rank,
+      smoothing grid, low-rank iterations, GPTQ, shared branch, ...), or just a
+      :class:`QuantFormat`, for ``PTQSettings(fmt=..., candidate_batch=1)``. The object reaches the
+      jitted core unchanged, as one static argument.
+    **overrides: :class:`PTQSettings` fields replacing those of ``settings`` (``rank=16``,
+      ``gptq=True``, ``grid=...``, ``shared_branch=True``, ...).
     shifts: per kernel δ for the default loss (GELU_SHIFT for fc2 inputs, INT4 only).
     loss_fn: ``loss_fn(candidates: list[SVDQuantWeights | None]) -> scalar``, the squared output
       error of the enclosing module; a ``None`` entry means that layer stays in full precision.
       Default: :func:`~svdquant_jax.quant.smooth.linear_output_loss` of these layers. Pass a pytree
       callable (see :func:`as_traceable_loss`) to keep one compilation across calls.
     name: layer name for error messages.
-    candidate_batch: smoothing candidates evaluated together (memory vs. parallelism).
-    svd_iters, oversample: low-rank SVD settings (see :func:`~svdquant_jax.quant.lowrank.svd_lowrank`).
-    gptq_block_size, gptq_damp, hessian_block_rows: GPTQ settings (128, 0.01, 512 as deepcompressor).
     gptq_inputs: per kernel ``[..., K]`` inputs for its GPTQ Hessian, for groups whose layers share λ
       but read different tensors (FLUX ``to_out`` / ``to_add_out``); default: ``x_samples`` for all.
     return_info: also return :class:`GroupQuantInfo`.
+
+  With ``shared_branch`` (for layers that read this input but are kept as separate kernels, such
+  as q, k, v as three ``Dense``), the smoothing candidates and the alternating refinement use the
+  rank-r SVD of the concatenated ``[K, N_1 + ... + N_n]`` smoothed kernel; every returned layer
+  carries the same ``lora_a`` with its own columns of ``lora_b``, residual and bias (one
+  down-projection instead of n once the layers run as one), and ``rank`` may be up to
+  ``min(K, N_1 + ... + N_n)``. No effect with one kernel or rank 0.
 
   Returns:
     ``list[SVDQuantWeights]`` (one per kernel), and the info if ``return_info``.
@@ -234,9 +285,10 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
     QuantizationError: bad shapes, K not divisible by the group size, NaN/Inf inputs, or (GPTQ)
       a Hessian that stays singular after all damping retries, naming ``name``.
   """
-  biases, shifts = validate_group_inputs(kernels, biases, x_samples, fmt, rank=rank, lowrank_iters=lowrank_iters,
-                                         shifts=shifts, name=name)
-  grid = tuple(tuple(float(v) for v in p) for p in (grid if grid is not None else smooth_lib.alpha_beta_grid()))
+  settings = as_settings(settings, **overrides)
+  biases, shifts = validate_group_inputs(kernels, biases, x_samples, settings.fmt, rank=settings.rank,
+                                         lowrank_iters=settings.lowrank_iters, shifts=shifts, name=name,
+                                         shared_branch=settings.shared_branch)
   if gptq_inputs is not None:
     gptq_inputs = list(gptq_inputs)
     k = np.shape(kernels[0])[0]
@@ -246,12 +298,8 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
       raise QuantizationError(f"{name}: gptq_inputs contains NaN or Inf")
   layers, info = _quantize_group_core(
       list(kernels), _zero_biases(kernels, biases), x_samples,
-      None if loss_fn is None else as_traceable_loss(loss_fn), gptq_inputs, fmt=fmt, rank=rank, smooth=smooth,
-      grid=grid, lowrank_iters=lowrank_iters, early_stop=early_stop, gptq=gptq, shifts=shifts,
-      candidate_batch=candidate_batch, svd_iters=svd_iters or lowrank_lib.DEFAULT_SVD_ITERS,
-      oversample=oversample, gptq_block_size=gptq_block_size, gptq_damp=gptq_damp,
-      hessian_block_rows=hessian_block_rows)
-  if gptq and _is_concrete(info):
+      None if loss_fn is None else as_traceable_loss(loss_fn), gptq_inputs, settings=settings, shifts=shifts)
+  if settings.gptq and _is_concrete(info):
     bad = [i for i, ok in enumerate(info.gptq_stable) if not bool(ok)]
     if bad:
       raise QuantizationError(f"{name}: GPTQ Hessian not positive definite after damping retries for kernels {bad}")
@@ -259,14 +307,18 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
 
 
 def quantize_linear_groups(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
-                           fmt: QuantFormat, names: Sequence[str] | None = None, **kwargs):
+                           settings: PTQSettings | QuantFormat, names: Sequence[str] | None = None, *,
+                           shifts: Sequence[float] | None = None, loss_fn: Callable | None = None,
+                           return_info: bool = False, **overrides: Any):
   """:func:`quantize_linear_group` over a leading axis of G same-shaped groups, as one ``vmap``.
 
   Args:
     kernels: ``[G, K, N_i]`` per kernel; ``biases``: ``[G, N_i]`` or ``None`` entries.
     x_samples: ``[G, ..., K]``.
+    settings, **overrides: as :func:`quantize_linear_group`.
     names: G layer names for error messages (default ``group_<g>``).
-    **kwargs: as :func:`quantize_linear_group` (``loss_fn`` leaves carry the leading axis too).
+    shifts, loss_fn, return_info: as :func:`quantize_linear_group` (``loss_fn`` leaves carry the
+      leading axis too).
 
   Returns:
     ``list[SVDQuantWeights]`` whose arrays carry the leading axis G (and the info if requested).
@@ -275,9 +327,10 @@ def quantize_linear_groups(kernels: Sequence[Array], biases: Sequence[Array | No
   names = list(names) if names is not None else [f"group_{i}" for i in range(g)]
   if len(names) != g:
     raise QuantizationError(f"{len(names)} names for {g} groups")
-  check = {k: kwargs[k] for k in ("rank", "lowrank_iters", "shifts") if k in kwargs}
-  biases, _ = validate_group_inputs(kernels, biases, x_samples, fmt, name=names[0], batch_dims=1,
-                                    check_values=False, **check)
+  settings = as_settings(settings, **overrides)
+  biases, _ = validate_group_inputs(kernels, biases, x_samples, settings.fmt, rank=settings.rank,
+                                    lowrank_iters=settings.lowrank_iters, shifts=shifts, name=names[0],
+                                    batch_dims=1, check_values=False, shared_branch=settings.shared_branch)
   if _is_concrete(x_samples, kernels):
     finite_x = np.asarray(jnp.all(jnp.isfinite(x_samples.reshape(g, -1)), axis=1))
     finite_w = np.all([np.asarray(jnp.all(jnp.isfinite(w.reshape(g, -1)), axis=1)) for w in kernels], axis=0)
@@ -287,14 +340,12 @@ def quantize_linear_groups(kernels: Sequence[Array], biases: Sequence[Array | No
       if not finite_w[i]:
         raise QuantizationError(f"{names[i]}: a kernel contains NaN or Inf")
   biases = _zero_biases(kernels, biases, batch_dims=1)
-  return_info = kwargs.pop("return_info", False)
-  loss_fn = kwargs.pop("loss_fn", None)
 
   def one(ks, bs, x, lf):
-    return quantize_linear_group(ks, bs, x, fmt, loss_fn=lf, return_info=True, name=names[0], **kwargs)
+    return quantize_linear_group(ks, bs, x, settings, shifts=shifts, loss_fn=lf, return_info=True, name=names[0])
 
   layers, info = jax.vmap(one)(list(kernels), biases, x_samples, loss_fn)
-  if kwargs.get("gptq") and _is_concrete(info):
+  if settings.gptq and _is_concrete(info):
     stable = np.all([np.asarray(s) for s in info.gptq_stable], axis=0)
     for i in range(g):
       if not stable[i]:
@@ -305,5 +356,5 @@ def quantize_linear_groups(kernels: Sequence[Array], biases: Sequence[Array | No
 __all__ = [
     "GELU_SHIFT", "PRECISION", "SVDQuantWeights", "GroupQuantInfo", "plain_weights", "act_shift",
     "quantized_residual", "effective_bias", "to_lora_down", "fake_forward", "as_traceable_loss",
-    "validate_group_inputs", "quantize_linear_group", "quantize_linear_groups",
+    "validate_group_inputs", "as_settings", "quantize_linear_group", "quantize_linear_groups",
 ]

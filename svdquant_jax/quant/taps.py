@@ -2,9 +2,10 @@
 
 Calibration needs, for one transformer block: the inputs of its linear layers (activation
 statistics, GPTQ Hessians), the outputs of "eval modules" (the attention module, the block,
-or the linear itself: spec §1.2), and the same outputs with some linears replaced by their
-fake-quantized SVDQuant form. :func:`apply_with_taps` does all three with
-``flax.linen.intercept_methods``, so the models need no quantization-specific code.
+or the linear itself: ``docs/quantization.md``, "deepcompressor's recipe"), and the same
+outputs with some linears replaced by their fake-quantized SVDQuant form.
+:func:`apply_with_taps` does all three with ``flax.linen.intercept_methods``, so the models
+need no quantization-specific code.
 
 Paths are tuples of module names relative to the module being applied, e.g.
 ``("attn", "to_qkv")`` inside a ``FluxDoubleBlock``.

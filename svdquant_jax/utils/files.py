@@ -14,6 +14,15 @@ import tempfile
 from typing import IO, Any, Iterator
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
   """Opens a temporary file next to ``path``; renames it onto ``path`` on success.
@@ -37,6 +46,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
       yield f
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file an ordinary file's mode
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -70,6 +80,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
   tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
   try:
     yield tmp
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
     if os.path.isdir(path):
       old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(path)}-", dir=parent)
       os.rmdir(old)

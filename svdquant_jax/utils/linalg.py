@@ -12,6 +12,14 @@ The functions here are the ``jnp`` ones with one change: under ``vmap`` on CPU t
 as a ``lax.map`` loop of unbatched factorizations, which never wait on the pool. On other
 platforms (cuSOLVER, batched kernels) the batched primitive is kept. Results are the same
 factorizations either way. They are not differentiable (the PTQ searches never differentiate).
+
+When to remove this module: once a jaxlib release no longer runs a batched CPU factorization as
+tasks on the intra-op pool that the calling pool thread blocks on (jaxlib 0.10.2 does). To check a
+new jaxlib, run the repro of ``docs/design.md``, "XLA CPU and batched factorizations", on a 2-core
+machine: a jitted function holding two independent ``jax.vmap(jnp.linalg.qr)`` calls on
+``float32 [8, 512, 64]`` inputs, called 30 times with fresh inputs, hangs with 0.10.2 (no return
+within 90 s; the same loop through :func:`qr_q` finishes). If the plain ``jnp`` version finishes
+and the PTQ tests pass with these functions replaced by their ``jnp`` bodies, delete the module.
 """
 
 from __future__ import annotations

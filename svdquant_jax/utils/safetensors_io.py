@@ -1,5 +1,10 @@
 """Reading and writing safetensors files with numpy only (no torch).
 
+Why not the ``safetensors`` package: its numpy API (checked with 0.8.0) cannot read fp8 tensors
+(``safe_open(..., framework="np")`` looks for ``numpy.float8_*``, which numpy lacks) and knows
+single files only; sharded indexes and diffusers weight variants are resolved by the torch-side
+diffusers / transformers loaders. This module reads all of them with numpy + ``ml_dtypes``.
+
 bf16 and fp8 tensors come back as ``ml_dtypes`` arrays, so a bf16 checkpoint loads without
 an fp32 round trip. Reading is lazy (``np.memmap``): a 24 GB checkpoint is not pulled into
 host memory at once. Sharded checkpoints (``*.safetensors.index.json``) and folders holding

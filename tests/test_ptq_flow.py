@@ -1,4 +1,4 @@
-"""The PTQ command end to end on flux-tiny (small settings): results, resume, saved model."""
+"""The PTQ flow end to end on flux-tiny (small settings): results, resume, saved model."""
 
 import json
 import os
@@ -6,16 +6,17 @@ import os
 import numpy as np
 import pytest
 
-from launch import generate as generate_launch
-from launch import ptq as ptq_launch
+from svdquant_jax.flows import generation, ptq_benchmark, ptq_config
+from svdquant_jax.flows import ptq as ptq_flow
 from svdquant_jax.quant import ptq
+from svdquant_jax.quant.adapters import adapter_for_pipeline
 from svdquant_jax.quant import quantized_model as qmodel
 from svdquant_jax.quant.quantized_model import QuantizedCheckpointError
-from svdquant_jax.utils.png import read_png
+from svdquant_jax.pipelines.images import read_png
 
 
 def _config(tmp_path, parts="flux-tiny"):
-  c = ptq_launch._config_module().compose(parts)
+  c = ptq_config.compose(parts)
   c.output_root = str(tmp_path / "runs")
   c.pipeline.num_steps = 2
   c.pipeline.height = c.pipeline.width = 64
@@ -34,7 +35,7 @@ def _config(tmp_path, parts="flux-tiny"):
 def first_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("ptq")
   config = _config(tmp)
-  return tmp, config, ptq_launch.run(config)
+  return tmp, config, ptq_flow.run(config)
 
 
 def test_results_table_and_files(first_run):
@@ -55,6 +56,9 @@ def test_results_table_and_files(first_run):
   with open(os.path.join(root, "results.md")) as f:
     table = f.read()
   assert "| svdq-int4 | int4 | 32 |" in table and "| rtn-int4 |" in table
+  assert table.count("| full precision |") == 1
+  plot = read_png(os.path.join(root, ptq_flow.BLOCK_ERRORS_PNG))
+  assert plot.ndim == 3 and plot.shape[0] > 200 and plot.shape[1] > 300
 
 
 def test_rerun_reuses_every_step(first_run, monkeypatch):
@@ -64,7 +68,7 @@ def test_rerun_reuses_every_step(first_run, monkeypatch):
     raise AssertionError("a finished block was quantized again")
 
   monkeypatch.setattr(ptq, "quantize_block", fail)
-  again = ptq_launch.run(config)
+  again = ptq_flow.run(config)
   for a, b in zip(results["rows"], again["rows"]):
     assert a["psnr"] == b["psnr"] and a["final_block_error"] == b["final_block_error"]
 
@@ -73,7 +77,7 @@ def test_saved_model_regenerates_the_same_images(first_run, tmp_path):
   _, config, results = first_run
   root = os.path.dirname(results["reference"])
   model_dir = os.path.join(root, "svdq-int4", "model")
-  c = _generate_config()
+  c = generation.default_config()
   c.model = "flux-tiny"
   c.quantized_model = model_dir
   c.output_dir = str(tmp_path / "gen")
@@ -81,20 +85,17 @@ def test_saved_model_regenerates_the_same_images(first_run, tmp_path):
   c.seed = config.seed
   c.num_prompts = 2
   c.progress = False
-  generate_launch.run(c)
+  generation.run(c)
   samples = os.path.join(root, "svdq-int4", "samples")
   for i in range(2):
-    np.testing.assert_array_equal(read_png(os.path.join(c.output_dir, generate_launch.image_file(i))),
-                                  read_png(os.path.join(samples, generate_launch.image_file(i))))
+    np.testing.assert_array_equal(read_png(os.path.join(c.output_dir, generation.image_file(i))),
+                                  read_png(os.path.join(samples, generation.image_file(i))))
 
 
 def test_saved_model_refuses_another_model(first_run):
   _, _, results = first_run
   from svdquant_jax.pipelines.loading import load_pipeline
-  from svdquant_jax.quant.adapters import adapter_for
-  from svdquant_jax.quant.collect import pipeline_family
-  pixart = load_pipeline("pixart-tiny")
-  adapter = adapter_for(pipeline_family(pixart), pixart.transformer_config)
+  adapter = adapter_for_pipeline(load_pipeline("pixart-tiny"))
   model_dir = os.path.join(os.path.dirname(results["reference"]), "svdq-int4", "model")
   with pytest.raises(QuantizedCheckpointError, match="family"):
     qmodel.load_for_model(model_dir, adapter)
@@ -104,21 +105,14 @@ def test_unknown_output_dirname_is_an_error(tmp_path):
   c = _config(tmp_path)
   c.output_dirname = "bogus"
   with pytest.raises(ValueError, match="output_dirname"):
-    ptq_launch.run(c)
-
-
-def _generate_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("gen_cfg", os.path.join(ptq_launch._REPO, "configs", "generate.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+    ptq_flow.run(c)
 
 
 def test_ptq_benchmark_runs_at_small_shapes():
-  from launch import benchmark_ptq
-  settings = ptq.PTQSettings(num_grids=2, lowrank_iters=2, batch_size=2, candidate_batch=3)
-  result = benchmark_ptq.run_benchmark("flux-tiny", settings, samples=2, img_tokens=16, txt_tokens=8,
+  settings = ptq_benchmark.settings_for(["int4"], "float32", num_grids=2, lowrank_iters=2, batch_size=2,
+                                        candidates_per_batch=3)
+  assert (settings.num_grids, settings.lowrank_iters, settings.batch_size, settings.candidate_batch) == (2, 2, 2, 3)
+  result = ptq_benchmark.run_benchmark("flux-tiny", settings, samples=2, img_tokens=16, txt_tokens=8,
                                        dtype="float32")
   rows = {r["kind"]: r for r in result["rows"]}
   # 7 W4A4 groups (8 linears) + 2 adaLN in a double block; 3 linears + 1 adaLN in a single block.
@@ -127,4 +121,4 @@ def test_ptq_benchmark_runs_at_small_shapes():
   for r in rows.values():
     assert r["first_s"] > 0 and r["steady_s"] > 0
   assert result["model_estimate_s"] >= sum(r["first_s"] for r in rows.values())
-  assert "whole model" in benchmark_ptq.format_table(result)
+  assert "whole model" in ptq_benchmark.format_table(result)

@@ -1,0 +1,212 @@
+"""SVDQuant post-training quantization end to end: :func:`run` (the seed's three steps plus evaluation).
+
+Steps (each resumes what an earlier, interrupted run left on disk):
+  1. reference images of the full-precision model for the evaluation prompts;
+  2. calibration set: the transformer inputs of every denoising step over the calibration prompts;
+  3. quantization of the configured method and of each baseline (``config.eval.baselines``),
+     block by block, with per-block progress saved (orbax);
+  4. the quantized model saved (orbax, ``config.save_model``), images generated with it, and a
+     table of image similarity (PSNR, SSIM vs the reference images), per-block output error,
+     weight size and quantization time, written as ``results.md`` / ``results.json``, plus a plot
+     of the per-block error of every method (``block_errors.png``).
+
+Everything goes under ``<output_root>/<model>/<protocol>/``. The config is
+:mod:`svdquant_jax.flows.ptq_config`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+
+from svdquant_jax.eval import metrics
+from svdquant_jax.flows import plots, ptq_config
+from svdquant_jax.flows.generation import GENERATION_JSON, GenerationSettings, generate_images, image_file
+from svdquant_jax.pipelines import prompts as prompts_lib
+from svdquant_jax.pipelines.images import read_png
+from svdquant_jax.pipelines.loading import load_pipeline
+from svdquant_jax.quant import collect, ptq
+from svdquant_jax.quant import quantized_model
+from svdquant_jax.quant.adapters import adapter_for_pipeline
+from svdquant_jax.quant.settings import PTQSettings
+from svdquant_jax.utils.files import atomic_write_text
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+BLOCK_ERRORS_PNG = "block_errors.png"
+
+
+def generation_settings(config: Any, pipeline: Any) -> GenerationSettings:
+  """The evaluation protocol of ``config.pipeline`` with the model's defaults filled in."""
+  p = config.pipeline
+  pick = lambda v: None if v is None or v < 0 else v  # noqa: E731
+  return GenerationSettings(seed=config.seed, num_steps=pick(p.num_steps), guidance=pick(p.guidance),
+                            height=pick(p.height), width=pick(p.width), batch_size=p.batch_size).resolved(pipeline)
+
+
+def protocol_name(s: GenerationSettings) -> str:
+  """Folder name of an evaluation protocol (deepcompressor: e.g. ``fmeuler50-g3.5``)."""
+  return f"{s.num_steps}steps-g{s.guidance:g}-{s.height}x{s.width}-seed{s.seed}"
+
+
+def prompt_sets(config: Any) -> tuple[list[str], list[str]]:
+  """``(evaluation prompts, calibration prompts)``.
+
+  Evaluation: the first ``eval.num_prompts`` of its source. Calibration: a seeded random
+  ``calib.num_prompts`` of its source; when both come from the built-in list, calibration
+  draws only from prompts not used for evaluation, as deepcompressor calibrates on COCO and
+  evaluates on MJHQ.
+  """
+  builtin = list(prompts_lib.BUILTIN_PROMPTS)
+  eval_source = prompts_lib.load_prompts(config.eval.prompts_path) if config.eval.prompts_path else builtin
+  eval_prompts = eval_source[:config.eval.num_prompts]
+  if not eval_prompts:
+    raise ValueError("no evaluation prompts: eval.num_prompts must be positive")
+  if config.calib.prompts_path:
+    calib_source = prompts_lib.load_prompts(config.calib.prompts_path)
+  else:
+    calib_source = [p for p in builtin if p not in eval_prompts] if not config.eval.prompts_path else builtin
+  n = min(config.calib.num_prompts, len(calib_source))
+  if n <= 0:
+    raise ValueError("no calibration prompts: calib.num_prompts must be positive and the prompt list non-empty")
+  return eval_prompts, prompts_lib.select_prompts(calib_source, n, seed=config.calib.seed)
+
+
+def _reference_images(pipeline: Any, prompts: list[str], settings: GenerationSettings, folder: str) -> None:
+  """Generates the full-precision images unless ``folder`` already holds them for these settings."""
+  meta_path = os.path.join(folder, GENERATION_JSON)
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta["settings"] == dataclasses.asdict(settings) and [r["prompt"] for r in meta["images"]] == prompts:
+      logging.info("reference images: reusing %s", folder)
+      return
+  logging.info("reference images: generating %d images into %s", len(prompts), folder)
+  generate_images(pipeline, prompts, settings, folder)
+
+
+def read_images(folder: str, count: int) -> np.ndarray:
+  """``uint8 [count, H, W, 3]``: the first ``count`` images a generation run wrote into ``folder``."""
+  return np.stack([read_png(os.path.join(folder, image_file(i))) for i in range(count)])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every method of one run shares."""
+  pipeline: Any
+  state: Any
+  identity: dict[str, Any]
+  eval_prompts: list[str]
+  generation: GenerationSettings
+  reference: np.ndarray
+  root: str
+
+
+def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any]:
+  """One method: quantize (resumable), save, generate, compare. Returns its results row."""
+  pipeline = run.pipeline
+  adapter = adapter_for_pipeline(pipeline)
+  settings = PTQSettings.from_config(config, adapter.config.param_dtype)
+  run_dir = os.path.join(run.root, config.quant.name)
+  identity = ptq.run_identity(settings, run.identity["model"], run.identity["calibration"], run.identity["samples"])
+  store = ptq.ProgressStore(os.path.join(run_dir, "progress"), identity, resume=config.resume)
+  start = time.monotonic()
+  layers = ptq.quantize_transformer(adapter, pipeline.transformer_params, run.state, settings, progress=store,
+                                    log=logging.info)
+  seconds = time.monotonic() - start
+  params, specs = quantized_model.quantize_params(pipeline.transformer_params, layers, jnp.dtype(adapter.config.param_dtype))
+  if config.save_model:
+    quantized_model.save_quantized(os.path.join(run_dir, "model"), params, specs, metadata={
+        "family": adapter.family, "model": config.model, "model_config": repr(adapter.config),
+        "fingerprint": run.identity["model"], "settings": settings.to_json(), "name": config.quant.name})
+  samples = os.path.join(run_dir, "samples")
+  generate_images(pipeline, run.eval_prompts, run.generation, samples,
+                  transformer_fn=quantized_model.transformer_fn(adapter, specs), transformer_params=params)
+  images = read_images(samples, len(run.eval_prompts))
+  row = {"method": config.quant.name, "format": config.quant.format, "rank": settings.rank,
+         "smooth": settings.smooth, "gptq": settings.gptq,
+         "psnr": float(np.mean(np.asarray(metrics.psnr(images, run.reference)))),
+         "ssim": float(np.mean(np.asarray(metrics.ssim(images, run.reference)))),
+         "weight_mb": quantized_model.weight_bytes(params) / 2 ** 20, "quant_seconds": round(seconds, 1),
+         "samples": samples}
+  if config.eval.block_errors:
+    errs = ptq.block_errors(adapter, pipeline.transformer_params, run.state, layers, settings.batch_size)
+    row["block_errors"] = errs
+    row["final_block_error"] = errs[-1][1]
+  return row
+
+
+def results_table(results: Sequence[dict[str, Any]]) -> str:
+  """One markdown table over the results of one or more :func:`run` calls (a row per model and method)."""
+  lines = ["| model | method | format | rank | PSNR (dB) ↑ | SSIM ↑ | last-block rel. err ↓ | weights (MB) | "
+           "quantize (s) |", "|---|---|---|---|---|---|---|---|---|"]
+  for res in results:
+    lines.append(f"| {res['model']} | full precision | - | - | ∞ | 1.000 | 0 | {res['fp_weight_mb']:.2f} | - |")
+    for r in res["rows"]:
+      err = f"{r['final_block_error']:.4f}" if "final_block_error" in r else "-"
+      lines.append(f"| {res['model']} | {r['method']} | {r['format']} | {r['rank']} | {r['psnr']:.2f} | "
+                   f"{r['ssim']:.3f} | {err} | {r['weight_mb']:.2f} | {r['quant_seconds']:.1f} |")
+  return "\n".join(lines)
+
+
+def run(config: Any) -> dict[str, Any]:
+  """Runs the whole flow for ``config`` (:mod:`~svdquant_jax.flows.ptq_config`).
+
+  Returns:
+    The results (also written to ``results.json``): ``model``, ``settings`` (generation),
+    ``reference`` (the reference image folder), ``fp_weight_mb``, ``rows`` (one per method:
+    ``method, format, rank, smooth, gptq, psnr, ssim, weight_mb, quant_seconds, samples`` and,
+    with ``eval.block_errors``, ``block_errors`` and ``final_block_error``) and ``config``.
+    With ``output_dirname="reference"`` only ``{"reference": folder}``.
+  """
+  if config.output_dirname not in ("", "reference"):
+    raise ValueError(f"output_dirname={config.output_dirname!r}: only 'reference' (or empty) is supported")
+  methods = ptq_config.method_configs(config)
+  pipeline = load_pipeline(config.model, path=config.model_path or None)
+  generation = generation_settings(config, pipeline)
+  root = os.path.join(config.output_root, config.model, protocol_name(generation))
+  eval_prompts, calib_prompts = prompt_sets(config)
+
+  # 1. reference images
+  ref_dir = os.path.join(root, "reference")
+  _reference_images(pipeline, eval_prompts, generation, ref_dir)
+  if config.output_dirname == "reference":
+    print(f"reference images in {ref_dir}")
+    return {"reference": ref_dir}
+  reference = read_images(ref_dir, len(eval_prompts))
+
+  # 2. calibration set
+  calib_dir = config.calib.path or os.path.join(root, "calib")
+  calib = collect.collect_calibration(pipeline, calib_prompts, calib_dir, num_steps=generation.num_steps,
+                                      guidance=generation.guidance, height=generation.height,
+                                      width=generation.width, seed=generation.seed,
+                                      batch_size=generation.batch_size, model_name=config.model, log=logging.info)
+  indices = calib.select(config.calib.num_samples, config.calib.seed)
+  logging.info("calibration: %d of %d samples from %s", len(indices), len(calib), calib_dir)
+  adapter = adapter_for_pipeline(pipeline)
+  state = ptq.initial_state(adapter, pipeline.transformer_params, calib, indices, config.calib.batch_size)
+  shared = _Run(pipeline, state, {"model": calib.fingerprint, "calibration": calib.fingerprint + str(calib.settings),
+                                  "samples": indices}, eval_prompts, generation, reference, root)
+
+  # 3-4. the method and its baselines
+  rows = [quantize_and_evaluate(c, shared) for c in methods]
+  results = {"model": config.model, "settings": dataclasses.asdict(generation), "reference": ref_dir,
+             "fp_weight_mb": quantized_model.weight_bytes(pipeline.transformer_params) / 2 ** 20, "rows": rows,
+             "config": json.loads(config.to_json_best_effort())}
+  header = (f"{config.model}: {len(eval_prompts)} evaluation prompts, {generation.num_steps} steps, guidance "
+            f"{generation.guidance:g}, {generation.height}x{generation.width}; calibration {len(indices)} samples "
+            f"from {len(calib_prompts)} prompts. PSNR/SSIM against the full-precision images; last-block error "
+            "on the calibration samples.")
+  atomic_write_text(os.path.join(root, RESULTS_JSON), json.dumps(results, indent=1, default=str))
+  atomic_write_text(os.path.join(root, RESULTS_MD), header + "\n\n" + results_table([results]) + "\n")
+  if config.eval.block_errors:
+    plots.plot_block_errors(rows, os.path.join(root, BLOCK_ERRORS_PNG))
+  print(header + "\n\n" + results_table([results]) + f"\n\nimages, models and results under {root}")
+  return results

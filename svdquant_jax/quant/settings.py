@@ -1,0 +1,126 @@
+"""One frozen settings object for a quantization run: :class:`PTQSettings`.
+
+It is built once (from the ``quant`` and ``calib`` sections of a PTQ config, or by hand for one
+layer group) and passed down unchanged: the block driver reads the run-level fields, and
+:func:`~svdquant_jax.quant.svdquant.quantize_linear_group` hands the whole object to its jitted
+core as one static argument (it is hashable and compares by value, so equal settings share one
+compilation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from svdquant_jax.formats.quantizers import FORMATS, QuantFormat, QuantizationError
+from svdquant_jax.quant.smooth import alpha_beta_grid
+
+REPLAY_MODES = ("fp", "quantized")
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQSettings:
+  """What to quantize and how.
+
+  Attributes:
+    fmt: the quantization format, with its scale storage dtype set to the model's parameter
+      dtype (so the searches see exactly the scales the deployed layer stores).
+    rank: low-rank branch rank r (0: no branch).
+    smooth: search the smoothing vector λ; False: λ = 1.
+    num_grids: size of deepcompressor's (α, β) grid, ``2 (num_grids - 1) + 1`` pairs.
+    grid: an explicit (α, β) grid instead (``None``: the one of ``num_grids``).
+    lowrank_iters: alternating low-rank iterations (1: one-shot SVD).
+    early_stop: stop at the first iteration whose loss exceeds the best.
+    shared_branch: layers of one group share one low-rank branch (deepcompressor's
+      ``exclusive: false``) instead of one branch each.
+    gptq, gptq_damp, gptq_block_size, gptq_max_inv_tries, hessian_block_rows: GPTQ on the
+      residual and its settings (0.01, 128, 250, 512 as deepcompressor).
+    svd_iters, oversample: the randomized SVD's subspace iterations and oversampling
+      (``None``: the defaults of :func:`~svdquant_jax.quant.lowrank.svd_lowrank`).
+    candidate_batch: smoothing candidates evaluated together (memory vs. parallelism).
+    shift_activations: shift the GELU-output inputs (fc2) by +0.171875 and quantize them
+      unsigned (INT4 only).
+    weight_only_adaln: quantize the adaLN modulation linears W4A16 (FLUX).
+    skips: layers kept in 16-bit (group names, block-relative or full paths).
+    batch_size: calibration samples per device batch in the block passes.
+    replay: the next block's inputs: ``"fp"`` (full-precision outputs, as deepcompressor) or
+      ``"quantized"`` (outputs with this block's quantized layers).
+    max_tokens: cap on the calibration tokens per linear group (0: all), chosen by a seeded
+      permutation (``token_seed``).
+  """
+  fmt: QuantFormat = FORMATS["int4"]
+  rank: int = 32
+  smooth: bool = True
+  num_grids: int = 20
+  grid: tuple[tuple[float, float], ...] | None = None
+  lowrank_iters: int = 100
+  early_stop: bool = True
+  shared_branch: bool = False
+  gptq: bool = False
+  gptq_damp: float = 0.01
+  gptq_block_size: int = 128
+  gptq_max_inv_tries: int = 250
+  hessian_block_rows: int = 512
+  svd_iters: int | None = None
+  oversample: int | None = None
+  candidate_batch: int = 8
+  shift_activations: bool = True
+  weight_only_adaln: bool = True
+  skips: tuple[str, ...] = ()
+  batch_size: int = 8
+  replay: str = "fp"
+  max_tokens: int = 0
+  token_seed: int = 0
+
+  def __post_init__(self):
+    if not isinstance(self.fmt, QuantFormat):
+      raise QuantizationError(f"PTQSettings.fmt must be a QuantFormat, got {self.fmt!r}")
+    if self.replay not in REPLAY_MODES:
+      raise ValueError(f"calib.replay must be one of {REPLAY_MODES}, got {self.replay!r}")
+    if self.rank < 0:
+      raise ValueError(f"quant.rank must be >= 0, got {self.rank}")
+    if self.rank and self.lowrank_iters < 1:
+      raise ValueError(f"quant.lowrank.num_iters must be >= 1 (1 = one-shot SVD), got {self.lowrank_iters}")
+    if self.batch_size <= 0 or self.candidate_batch <= 0:
+      raise ValueError("calib.batch_size and quant.smooth.candidates_per_batch must be positive")
+    if self.max_tokens < 0:
+      raise ValueError(f"calib.max_tokens must be >= 0, got {self.max_tokens}")
+    if self.grid is not None:
+      object.__setattr__(self, "grid", tuple((float(a), float(b)) for a, b in self.grid))
+    object.__setattr__(self, "skips", tuple(self.skips))
+
+  @property
+  def smoothing_grid(self) -> tuple[tuple[float, float], ...]:
+    """The (α, β) pairs the smoothing search tries."""
+    return self.grid if self.grid is not None else alpha_beta_grid(self.num_grids)
+
+  def replace(self, **changes: Any) -> PTQSettings:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_config(cls, config: Any, param_dtype: Any = None) -> PTQSettings:
+    """From a PTQ config's ``quant`` and ``calib`` sections (``svdquant_jax.flows.ptq_config``).
+
+    Args:
+      config: the ConfigDict.
+      param_dtype: the model's parameter dtype: the storage dtype of the quantization scales
+        (``None``: each quantizer's default).
+    """
+    q, c = config.quant, config.calib
+    if q.format not in FORMATS:
+      raise ValueError(f"quant.format={q.format!r} is not a known format; expected one of {sorted(FORMATS)}")
+    fmt = FORMATS[q.format]
+    if param_dtype is not None:
+      fmt = dataclasses.replace(fmt, scale_dtype=jnp.dtype(param_dtype).name)
+    return cls(fmt=fmt, rank=q.rank, smooth=q.smooth.enabled, num_grids=q.smooth.num_grids,
+               lowrank_iters=q.lowrank.num_iters, early_stop=q.lowrank.early_stop,
+               shared_branch=q.lowrank.get("shared_branch", False), gptq=q.gptq.enabled, gptq_damp=q.gptq.damp,
+               gptq_block_size=q.gptq.block_size, gptq_max_inv_tries=q.gptq.num_inv_tries,
+               candidate_batch=q.smooth.candidates_per_batch, shift_activations=q.shift_activations,
+               weight_only_adaln=q.weight_only_adaln, skips=tuple(q.skips), batch_size=c.batch_size,
+               replay=c.replay, max_tokens=c.max_tokens, token_seed=c.seed)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
