@@ -235,6 +235,23 @@ def read_config(folder: str | os.PathLike, expected_classes: Sequence[str] = (),
   return cfg
 
 
+def read_model_config(folder: str | os.PathLike, expected_classes: Sequence[str],
+                      build: Callable[..., Any], **overrides: Any) -> Any:
+  """A model config from a component's ``config.json``: ``build(raw_dict, **overrides)``.
+
+  Raises:
+    CheckpointError: the folder or file is missing, the class is another model, or ``build``
+      rejects a value (the message names the file).
+  """
+  raw = read_config(folder, expected_classes)
+  try:
+    return build(raw, **overrides)
+  except CheckpointError:
+    raise
+  except ValueError as e:
+    raise CheckpointError(f"{os.path.join(os.fspath(folder), 'config.json')}: {e}") from e
+
+
 def open_store(folder: str | os.PathLike, variant: str | None = None) -> TensorStore:
   """Opens the safetensors weights of a component folder (single file or sharded).
 

@@ -149,12 +149,17 @@ def _activation(name: str, x: Array) -> Array:
 class CLIPAttention(nn.Module):
   """Multi-head self-attention, ``1/sqrt(head_dim)`` scaling, with biases.
 
-  ``x [B, L, H]``, ``mask`` bool broadcastable to ``[B, heads, L, L]`` -> ``[B, L, H]``.
+  ``x [B, L, H]``, ``mask`` bool broadcastable to ``[B, heads, L, L]`` (or ``None``: every key,
+  as in the vision tower) -> ``[B, L, H]``.
+
+  Shared by the text and the vision tower (``clip_vision``): ``config`` is any config with the
+  encoder fields ``hidden_size``, ``num_attention_heads``, ``head_dim``, ``intermediate_size``,
+  ``hidden_act``, ``layer_norm_eps``, ``dtype`` and ``param_dtype``.
   """
-  config: CLIPTextConfig
+  config: Any  # CLIPTextConfig or clip_vision.CLIPVisionConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, mask: Array | None) -> Array:
     cfg = self.config
     batch, length, _ = x.shape
     qkv = nn.Dense(3 * cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="to_qkv")(x)
@@ -163,15 +168,16 @@ class CLIPAttention(nn.Module):
     # Explicit float32 logits and softmax: jax.nn.dot_product_attention requests an F16_F16_F32
     # dot for float16 inputs, which XLA:CPU cannot compile under jit.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, cfg.hidden_size)
     return nn.Dense(cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="to_out")(out)
 
 
 class CLIPMLP(nn.Module):
-  """``fc2(act(fc1(x)))``: ``[B, L, H]`` -> ``[B, L, H]``."""
-  config: CLIPTextConfig
+  """``fc2(act(fc1(x)))``: ``[B, L, H]`` -> ``[B, L, H]`` (config: see :class:`CLIPAttention`)."""
+  config: Any
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -181,21 +187,26 @@ class CLIPMLP(nn.Module):
     return nn.Dense(cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc2")(h)
 
 
-def _layer_norm(cfg: CLIPTextConfig, name: str) -> nn.LayerNorm:
+def layer_norm_module(cfg: Any, name: str | None) -> nn.LayerNorm:
+  """The LayerNorm of both CLIP towers (``cfg``: see :class:`CLIPAttention`)."""
   # use_fast_variance=False: E[(x - mean)^2] as PyTorch, not E[x^2] - mean^2.
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                       use_fast_variance=False, name=name)
 
 
 class CLIPEncoderLayer(nn.Module):
-  """Pre-LN transformer layer: ``x [B, L, H]``, ``mask`` -> ``[B, L, H]``."""
-  config: CLIPTextConfig
+  """Pre-LN transformer layer: ``x [B, L, H]``, ``mask`` (or ``None``) -> ``[B, L, H]``.
+
+  Used by the text tower (causal mask) and the vision tower (``mask=None``); ``config``: see
+  :class:`CLIPAttention`.
+  """
+  config: Any
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, mask: Array | None) -> Array:
     cfg = self.config
-    x = x + CLIPAttention(cfg, name="attn")(_layer_norm(cfg, "layer_norm1")(x), mask)
-    return x + CLIPMLP(cfg, name="mlp")(_layer_norm(cfg, "layer_norm2")(x))
+    x = x + CLIPAttention(cfg, name="attn")(layer_norm_module(cfg, "layer_norm1")(x), mask)
+    return x + CLIPMLP(cfg, name="mlp")(layer_norm_module(cfg, "layer_norm2")(x))
 
 
 class CLIPTextModel(nn.Module):
@@ -217,7 +228,7 @@ class CLIPTextModel(nn.Module):
     self.position_embedding = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype,
                                        param_dtype=cfg.param_dtype)
     self.layers = [CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
-    self.final_layer_norm = _layer_norm(cfg, None)
+    self.final_layer_norm = layer_norm_module(cfg, None)
 
   def embed(self, input_ids: Array, attention_mask: Array | None = None) -> tuple[Array, Array]:
     """Returns ``(hidden [B, L, H], mask bool [B, 1, L, L])`` (causal & key padding)."""
@@ -275,14 +286,19 @@ def clip_mapping(config: CLIPTextConfig, prefix: str = LEGACY_PREFIX) -> list[ck
       ckpt.Rule("position_embedding/embedding", (f"{p}embeddings.position_embedding.weight",)),
   ]
   for i in range(config.num_hidden_layers):
-    src, dst = f"{p}encoder.layers.{i}", f"layers_{i}"
-    rules += ckpt.norm_rules(f"{dst}/layer_norm1", f"{src}.layer_norm1")
-    rules += ckpt.fused_dense_rules(f"{dst}/attn/to_qkv", [f"{src}.self_attn.{n}_proj" for n in "qkv"])
-    rules += ckpt.dense_rules(f"{dst}/attn/to_out", f"{src}.self_attn.out_proj")
-    rules += ckpt.norm_rules(f"{dst}/layer_norm2", f"{src}.layer_norm2")
-    rules += ckpt.dense_rules(f"{dst}/mlp/fc1", f"{src}.mlp.fc1")
-    rules += ckpt.dense_rules(f"{dst}/mlp/fc2", f"{src}.mlp.fc2")
+    rules += encoder_layer_rules(f"layers_{i}", f"{p}encoder.layers.{i}")
   rules += ckpt.norm_rules("final_layer_norm", f"{p}final_layer_norm")
+  return rules
+
+
+def encoder_layer_rules(dst: str, src: str) -> list[ckpt.Rule]:
+  """Rules for one :class:`CLIPEncoderLayer` (``dst``) from transformers' ``CLIPEncoderLayer`` (``src``)."""
+  rules = ckpt.norm_rules(f"{dst}/layer_norm1", f"{src}.layer_norm1")
+  rules += ckpt.fused_dense_rules(f"{dst}/attn/to_qkv", [f"{src}.self_attn.{n}_proj" for n in "qkv"])
+  rules += ckpt.dense_rules(f"{dst}/attn/to_out", f"{src}.self_attn.out_proj")
+  rules += ckpt.norm_rules(f"{dst}/layer_norm2", f"{src}.layer_norm2")
+  rules += ckpt.dense_rules(f"{dst}/mlp/fc1", f"{src}.mlp.fc1")
+  rules += ckpt.dense_rules(f"{dst}/mlp/fc2", f"{src}.mlp.fc2")
   return rules
 
 
@@ -305,12 +321,9 @@ def load_clip_text_model(folder: str | os.PathLike, dtype: Any = None) -> tuple[
     ValueError: an unsupported config value (e.g. ``hidden_act``).
   """
   folder = os.fspath(folder)
-  raw = ckpt.read_config(folder, CLIP_CLASS_NAMES)
   dtype = DEFAULT_DTYPE if dtype is None else dtype
-  try:
-    config = CLIPTextConfig.from_transformers(raw, dtype=dtype, param_dtype=dtype)
-  except ValueError as e:
-    raise ValueError(f"{folder}/config.json: {e}") from e
+  config = ckpt.read_model_config(folder, CLIP_CLASS_NAMES, CLIPTextConfig.from_transformers, dtype=dtype,
+                                  param_dtype=dtype)
   store = ckpt.open_store(folder)
   prefix = LEGACY_PREFIX if any(k.startswith(LEGACY_PREFIX) for k in store) else ""
   params = ckpt.load_params(store, clip_mapping(config, prefix), abstract_clip_params(config),

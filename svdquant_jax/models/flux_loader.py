@@ -128,11 +128,7 @@ def load_flux_transformer(folder: str | os.PathLike, dtype: Any = None,
     overrides["dtype"] = as_dtype(dtype, "dtype")
   if param_dtype is not None:
     overrides["param_dtype"] = as_dtype(param_dtype, "param_dtype")
-  raw = checkpoint.read_config(folder, FLUX_CLASS_NAMES)
-  try:
-    config = FluxConfig.from_diffusers(raw, **overrides)
-  except ValueError as e:
-    raise CheckpointError(f"{os.path.join(os.fspath(folder), 'config.json')}: {e}") from e
+  config = checkpoint.read_model_config(folder, FLUX_CLASS_NAMES, FluxConfig.from_diffusers, **overrides)
   store = checkpoint.open_store(folder)
   source = os.fspath(folder)
   try:

@@ -401,12 +401,8 @@ def load_t5_encoder(folder: str | os.PathLike, dtype: Any = None) -> tuple[T5Con
     ValueError: an unsupported config value (e.g. ``feed_forward_proj``).
   """
   folder = os.fspath(folder)
-  raw = ckpt.read_config(folder, T5_CLASS_NAMES)
   dtype = DEFAULT_DTYPE if dtype is None else dtype
-  try:
-    config = T5Config.from_transformers(raw, dtype=dtype, param_dtype=dtype)
-  except ValueError as e:
-    raise ValueError(f"{folder}/config.json: {e}") from e
+  config = ckpt.read_model_config(folder, T5_CLASS_NAMES, T5Config.from_transformers, dtype=dtype, param_dtype=dtype)
   store = ckpt.open_store(folder)
   embedding_source, ignore = _tied_embedding(store, folder)
   params = ckpt.load_params(store, t5_mapping(config, embedding_source), abstract_t5_params(config),
