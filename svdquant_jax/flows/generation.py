@@ -33,6 +33,7 @@ from svdquant_jax.pipelines import prompts as prompts_lib
 from svdquant_jax.pipelines.loading import load_pipeline
 from svdquant_jax.quant import quantized_model
 from svdquant_jax.quant.adapters import adapter_for_pipeline
+from svdquant_jax.utils import compile_cache
 from svdquant_jax.utils.files import atomic_write_text
 from svdquant_jax.utils.progress import Progress
 
@@ -155,6 +156,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.contact_sheet_columns = config_dict.placeholder(int)
   c.output_dir = "outputs/generate"
   c.progress = True
+  c.compilation_cache = "auto"   # JAX persistent compilation cache: "auto" (user cache folder), a folder, or "" (off)
   return c
 
 
@@ -183,6 +185,7 @@ def settings_from_config(config: Any) -> GenerationSettings:
 
 def run(config: Any) -> dict[str, Any]:
   """Loads the model named by ``config`` and generates its images (see :func:`generate_images`)."""
+  compile_cache.configure(config.get("compilation_cache", compile_cache.AUTO))
   prompts = prompts_from_config(config)
   settings = settings_from_config(config)
   pipeline = load_pipeline(config.model, path=config.model_path or None, dtype=config.dtype or None)

@@ -15,6 +15,7 @@ import os
 from typing import Any, Sequence
 
 from svdquant_jax.flows import plots, ptq, ptq_config
+from svdquant_jax.utils import compile_cache
 from svdquant_jax.utils.files import atomic_write_text
 
 ALL_METHODS = ("int4", "int4+gptq", "nvfp4", "w8a8", "rtn-int4", "rtn-nvfp4", "rtn-w8a8", "w4a16", "nf4")
@@ -22,14 +23,17 @@ REPORT_MD = "model_report.md"
 
 
 def model_config(model: str, methods: Sequence[str], output_root: str, *, num_prompts: int | None = None,
-                 calib_samples: int | None = None, num_grids: int | None = None) -> Any:
-  """The PTQ config of one model: the first method, the others as its baselines."""
+                 calib_samples: int | None = None, num_grids: int | None = None,
+                 compilation_cache: str = compile_cache.AUTO) -> Any:
+  """The PTQ config of one model: the first method, the others as its baselines (``compilation_cache``:
+  see :mod:`svdquant_jax.utils.compile_cache`)."""
   if not methods:
     raise ValueError("no methods given")
   config = ptq_config.compose(model)
   ptq_config.apply(config, methods[0], sep="+")
   config.eval.baselines = tuple(methods[1:])
   config.output_root = output_root
+  config.compilation_cache = compilation_cache
   if num_prompts is not None:
     config.eval.num_prompts = num_prompts
   if calib_samples is not None:
@@ -41,6 +45,7 @@ def model_config(model: str, methods: Sequence[str], output_root: str, *, num_pr
 
 def run(models: Sequence[str], methods: Sequence[str], output_root: str, **overrides: Any) -> str:
   """Runs every method on every model; returns (and writes, and prints) the report."""
+  compile_cache.configure(overrides.get("compilation_cache", compile_cache.AUTO))
   results = [ptq.run(model_config(m, methods, output_root, **overrides)) for m in models]
   for res in results:
     if any("block_errors" in r for r in res["rows"]):

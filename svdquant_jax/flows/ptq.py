@@ -36,6 +36,7 @@ from svdquant_jax.quant import collect, ptq
 from svdquant_jax.quant import quantized_model
 from svdquant_jax.quant.adapters import adapter_for_pipeline
 from svdquant_jax.quant.settings import PTQSettings
+from svdquant_jax.utils import compile_cache
 from svdquant_jax.utils.files import atomic_write_text
 
 RESULTS_JSON = "results.json"
@@ -168,6 +169,7 @@ def run(config: Any) -> dict[str, Any]:
   """
   if config.output_dirname not in ("", "reference"):
     raise ValueError(f"output_dirname={config.output_dirname!r}: only 'reference' (or empty) is supported")
+  compile_cache.configure(config.get("compilation_cache", compile_cache.AUTO))
   methods = ptq_config.method_configs(config)
   pipeline = load_pipeline(config.model, path=config.model_path or None)
   generation = generation_settings(config, pipeline)

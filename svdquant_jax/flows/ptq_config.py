@@ -31,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
   c.output_dirname = ""           # "reference": only make the reference images (the seed's step 1)
   c.save_model = True             # save the quantized model (orbax) under the run folder
   c.resume = True                 # resume an interrupted quantization at the last finished block
+  c.compilation_cache = "auto"    # JAX persistent compilation cache: "auto" ($XDG_CACHE_HOME/svdquant_jax/jax_cache), a folder, or "" (off)
 
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.num_steps = -1       # -1: the model's default

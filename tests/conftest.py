@@ -1,0 +1,23 @@
+"""Shared test setup: the flows' persistent compilation cache goes to a temporary folder.
+
+The PTQ, generation and model-report flows turn JAX's persistent compilation cache on by default
+under ``$XDG_CACHE_HOME/svdquant_jax/jax_cache`` (``svdquant_jax.utils.compile_cache``). The
+tests run those flows in-process and as subprocesses (which inherit the environment), so
+``XDG_CACHE_HOME`` points at one temporary folder for the whole session: nothing is written
+into the user's home, and the tests' runs share their compiled programs.
+"""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache_in_tmp(tmp_path_factory):
+  saved = os.environ.get("XDG_CACHE_HOME")
+  os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+  yield
+  if saved is None:
+    os.environ.pop("XDG_CACHE_HOME", None)
+  else:
+    os.environ["XDG_CACHE_HOME"] = saved
