@@ -62,17 +62,6 @@ def tiny_clip_tokenizer() -> transformers.CLIPTokenizer:
   return transformers.CLIPTokenizer(vocab=vocab, merges=MERGES)
 
 
-def _perturb_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
-  """Random norm weights and biases, so that a mis-mapped scale or bias cannot go unnoticed."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith("weight"):
-        p.copy_(0.5 + torch.rand(p.shape, generator=g))
-      elif name.endswith("bias"):
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
 class _TorchmetricsCLIP(torch.nn.Module):
   """``CLIPModel`` whose feature methods return tensors, as torchmetrics 1.9 expects."""
 
@@ -119,7 +108,7 @@ def clip_folder(tmp_path_factory):
       projection_dim=16)
   torch.manual_seed(0)
   model = transformers.CLIPModel(config).eval()
-  _perturb_norms_and_biases(model, 1)
+  torch_refs.perturb_norms_and_biases(model, 1)
   processor = transformers.CLIPProcessor(
       image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),

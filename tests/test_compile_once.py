@@ -4,8 +4,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from svdquant_jax.flows import ptq_benchmark
 from svdquant_jax.models import flux
 from svdquant_jax.quant import adapters, ptq, svdquant
 
@@ -30,18 +30,7 @@ class _Compiles(logging.Handler):
 def _setup(samples=2):
   params = flux.init_flux_params(CFG, 0)
   ad = adapters.adapter_for("flux", CFG)
-  rng = np.random.default_rng(0)
-  li, lt = 64, 16
-  grid = np.stack(np.meshgrid(np.zeros(1), np.arange(8), np.arange(8), indexing="ij"), -1).reshape(-1, 3)
-  inputs = dict(hidden_states=jnp.asarray(rng.standard_normal((samples, li, 64)), jnp.float32),
-                encoder_hidden_states=jnp.asarray(rng.standard_normal((samples, lt, CFG.joint_attention_dim)),
-                                                  jnp.float32),
-                pooled_projections=jnp.asarray(rng.standard_normal((samples, CFG.pooled_projection_dim)),
-                                               jnp.float32),
-                timestep=jnp.asarray(rng.uniform(0, 1, samples), jnp.float32),
-                img_ids=jnp.asarray(grid, jnp.float32), txt_ids=jnp.zeros((lt, 3), jnp.float32),
-                guidance=jnp.full((samples,), 3.5, jnp.float32))
-  return ad, params, jax.jit(ad.embed)(params, inputs)
+  return ad, params, ptq_benchmark.random_state(ad, params, samples, img_tokens=64, txt_tokens=16, dtype=jnp.float32)
 
 
 def test_identical_blocks_compile_the_group_core_once():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import torch_refs
 import transformers
 
 from svdquant_jax.models import clip as clip_lib
@@ -35,17 +36,6 @@ CLIP_PROMPTS = ["a cat", "a dog on a mat"]
 def rel_l2(got, want) -> float:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def _perturb_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
-  """Random norm weights and biases, so that a mis-mapped scale or bias cannot go unnoticed."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith("weight"):
-        p.copy_(0.5 + torch.rand(p.shape, generator=g))
-      elif name.endswith("bias") and "relative_attention" not in name:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def _rewrite_single_file(folder, tensors: dict) -> None:
@@ -95,7 +85,7 @@ def t5_gated(tmp_path_factory):
                                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
                                  feed_forward_proj="gated-gelu", dropout_rate=0.0)
   model = transformers.T5EncoderModel(config).eval()
-  _perturb_norms_and_biases(model, 1)
+  torch_refs.perturb_norms_and_biases(model, 1, keep=("relative_attention",))
   folder = tmp_path_factory.mktemp("t5_gated")
   model.save_pretrained(folder, max_shard_size="40KB")
   ids, mask = tok_lib.tokenize(tok_lib.byte_level_t5_tokenizer(), T5_PROMPTS, 64)
@@ -112,7 +102,7 @@ def t5_relu(tmp_path_factory):
                                  relative_attention_num_buckets=32, relative_attention_max_distance=20,
                                  feed_forward_proj="relu", dropout_rate=0.0)
   model = transformers.T5EncoderModel(config).eval()
-  _perturb_norms_and_biases(model, 2)
+  torch_refs.perturb_norms_and_biases(model, 2, keep=("relative_attention",))
   folder = tmp_path_factory.mktemp("t5_relu")
   model.save_pretrained(folder)
   tensors = _read_tensors(folder)
@@ -139,7 +129,7 @@ def _clip_model(tmp_path_factory, name, eos_token_id, hidden_act, legacy_layout,
                                        num_attention_heads=4, max_position_embeddings=24, hidden_act=hidden_act,
                                        eos_token_id=eos_token_id, bos_token_id=256, pad_token_id=257)
   model = transformers.CLIPTextModel(config).eval()
-  _perturb_norms_and_biases(model, seed + 1)
+  torch_refs.perturb_norms_and_biases(model, seed + 1, keep=("relative_attention",))
   folder = tmp_path_factory.mktemp(name)
   model.save_pretrained(folder)
   if legacy_layout:  # transformers < 5 layout (FLUX.1's text_encoder): prefixed, with the position_ids buffer.

@@ -68,3 +68,18 @@ def torch_lpips(state: dict, net: str):
                    f"unexpected {sorted(set(tensors) - expected)}")
   model.load_state_dict(tensors, strict=False)
   return model.eval()
+
+
+def perturb_norms_and_biases(model, seed: int, keep: tuple[str, ...] = ()) -> None:
+  """Random norm weights and biases (but parameters whose name contains a ``keep`` entry), so that a
+  mis-mapped scale or bias cannot go unnoticed in a parity test."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if any(k in name for k in keep):
+        continue
+      if "norm" in name and name.endswith("weight"):
+        p.copy_(0.5 + torch.rand(p.shape, generator=g))
+      elif name.endswith("bias"):
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))

@@ -2,8 +2,9 @@
 
 For each block, in order:
   1. record the inputs of the block's linear groups over all calibration samples (one pass);
-  2. per linear group (the family's adapter, ``adapters/``): smoothing search -> low-rank branch (alternating) -> optional GPTQ,
-     minimizing the output error of the group's eval module (``quantize_linear_group``);
+  2. per linear group (declared by the family's adapter, ``adapters/``): smoothing search ->
+     low-rank branch (alternating) -> optional GPTQ, minimizing the output error of the group's
+     eval module (``quantize_linear_group``);
   3. weight-only (W4A16) layers: round to nearest;
   4. save the block's result (orbax) and mark it done in ``progress.json``, so that a killed run
      resumes at the next block and ends with the same bits as an uninterrupted run;
