@@ -6,8 +6,10 @@ output buffers. The base compares them with the pure-jnp reference:
 
 * kernel 1: codes, scales and the padding rows exactly; ``x · lora_down`` to float32 rounding;
 * kernel 2 (fed the reference's kernel-1 outputs): relative Frobenius error <= 1e-2 for
-  bf16/fp16 outputs, <= 1e-5 for float32 outputs; with power-of-two scales the group-scaled
-  integer GEMM is checked **exactly** against int64 numpy (every nibble value of both operands);
+  bf16/fp16 outputs, <= 1e-5 for float32 outputs, also with per-channel weight scales
+  (``wcscales``) in the epilogue; with power-of-two scales the group-scaled integer GEMM is
+  checked **exactly** against int64 numpy (every nibble value of both operands, with and without
+  per-channel scales);
 * the public op ``svdquant_linear(..., backend=BACKEND)`` end to end, with leading dims.
 
 Shapes: M not a multiple of the tile, K = 64 x odd, N not a multiple of 128 (nor of the
@@ -191,10 +193,29 @@ class KernelTestBase:
     err = relative_error(got, want)
     assert err <= rtol_for(case.dtype), f"relative error {err:.3e}"
 
+  @pytest.mark.parametrize("case", (OP_CASES[1], OP_CASES[4]), ids=str)
+  def test_kernel2_with_channel_scales_matches_reference(self, case: Case):
+    """The per-output-channel weight scales (``wcscales``: nvfp4 layers carry them; the epilogue is
+    format-independent, so an int4 layer with them exercises it here) against the reference."""
+    params, x = case_inputs(case)
+    rng = np.random.default_rng(case.seed + 1)
+    params = params.replace(wcscales=jnp.asarray(np.exp(rng.uniform(-1, 1, case.n)), jnp.float32))
+    with on_cpu():
+      acts = reference.quantize_activations(to_cpu(x), to_cpu(params))
+      want = reference.gemm(acts, to_cpu(params), case.dtype)
+      plain = reference.gemm(acts, to_cpu(params.replace(wcscales=None)), case.dtype)
+    assert relative_error(plain, want) > 0.1  # the scales change the output
+    lora = acts.lora_act if case.rank else None
+    got = self.run_kernel2(*self._device_inputs(acts.codes, acts.scales, lora, params), case.dtype)
+    err = relative_error(got, want)
+    assert err <= rtol_for(case.dtype), f"relative error {err:.3e}"
+
+  @pytest.mark.parametrize("channel_scales", [False, True], ids=["", "wcscales"])
   @pytest.mark.parametrize("unsigned", [False, True], ids=["signed", "unsigned"])
-  def test_kernel2_integer_gemm_is_exact(self, unsigned: bool):
+  def test_kernel2_integer_gemm_is_exact(self, unsigned: bool, channel_scales: bool):
     """Power-of-two scales make every group term and sum exact in float32: the output must
-    equal the int64 evaluation bit for bit, for all 16 nibble values of both operands."""
+    equal the int64 evaluation bit for bit, for all 16 nibble values of both operands (times
+    power-of-two per-channel scales when given)."""
     m, k, n = 40, 192, 48
     rng = np.random.default_rng(11 + unsigned)
     a = rng.integers(0, 16, (m, k)) if unsigned else rng.integers(-8, 8, (m, k))
@@ -207,11 +228,15 @@ class KernelTestBase:
         smooth=jnp.ones((k,), jnp.float32), lora_down=jnp.zeros((k, 0), jnp.float32),
         lora_up=jnp.zeros((0, n), jnp.float32), bias=None, fmt="int4", group_size=64,
         shift=q.GELU_SHIFT if unsigned else 0.0)
+    wc = np.exp2(rng.integers(-3, 4, n)).astype(np.float32) if channel_scales else np.ones(n, np.float32)
+    if channel_scales:
+      params = params.replace(wcscales=jnp.asarray(wc))
     got = self.run_kernel2(*self._device_inputs(jnp.asarray(a, jnp.int8), jnp.asarray(sa), None, params),
                            jnp.float32)
     terms = np.einsum("mgk,gkn->gmn", a.reshape(m, k // 64, 64).astype(np.int64),
                       w.reshape(k // 64, 64, n).astype(np.int64))
     want = np.einsum("gmn,mg,gn->mn", terms.astype(np.float64), sa.astype(np.float64), sw.astype(np.float64))
+    want = want * wc.astype(np.float64)[None, :]
     np.testing.assert_array_equal(np.asarray(got, np.float64), want)
 
   @pytest.mark.parametrize("case", PUBLIC_OP_CASES, ids=str)

@@ -227,3 +227,107 @@ def test_swap_dense_with_a_predicate_and_path_errors():
     replace_dense_params(float_params, {"block/norm1": some})
   with pytest.raises(CheckpointError, match="shape"):
     replace_dense_params(float_params, {"head": some})
+
+
+# ----------------------------------------------------------------------------- nvfp4 per-channel scales
+def test_nvfp4_layer_with_channel_scales():
+  """A fused NVFP4 layer (Nunchaku's qkv: one per-tensor scale per member) holds ``wcscales``: the
+  layer knows it statically (``channel_scales``), runs ``main · wtscale · wcscales[n]``, and
+  round-trips through saved params and ``swap_dense``."""
+  rng = np.random.default_rng(5)
+  w, b, lam, a, bb, amax = _float_pieces(rng, 128, 96, 16)
+  plain = packing.from_float(w, b, lam, a, bb, fmt="nvfp4")
+  wc = jnp.asarray(np.repeat([0.5, 2.0, 1.25], 32), jnp.float32)
+  ql = plain.replace(wcscales=wc)
+  ql.validate()
+  layer, variables = SVDQuantDense.from_quantized(ql)
+  assert layer.channel_scales and variables["params"]["wcscales"].shape == (96,)
+  x = _inputs(rng, 11, amax)
+  y = np.asarray(jax.jit(layer.apply)(variables, x), np.float64)
+  # reference: the main path scaled per channel, branch and bias unchanged
+  acts = reference.quantize_activations(x, ql)
+  f64 = lambda v: np.asarray(jnp.asarray(v).astype(jnp.float32), np.float64)
+  qa = f64(q.dequantize_nvfp4_act(acts.codes, acts.scales))
+  want = (qa @ f64(plain.dequantized_weight()) * f64(wc) + (f64(x) @ f64(ql.lora_down)) @ f64(ql.lora_up)
+          + f64(ql.bias))
+  assert relative_error(y, want) <= 5e-3
+  np.testing.assert_allclose(f64(ql.dequantized_weight()), f64(plain.dequantized_weight()) * f64(wc), rtol=1e-7)
+  # saved params -> layer (channel_scales from the presence of wcscales); a layer without them refuses them
+  layer2, variables2 = SVDQuantDense.from_params(dict(variables["params"]), fmt="nvfp4")
+  assert layer2.channel_scales
+  np.testing.assert_array_equal(np.asarray(layer2.apply(variables2, x)), np.asarray(layer.apply(variables, x)))
+  with pytest.raises(CheckpointError, match="wcscales"):
+    SVDQuantDense(96, rank=16, fmt="nvfp4", param_dtype=jnp.bfloat16).check_params(variables["params"], 128)
+  with pytest.raises(packing.QuantizedLinearError, match="nvfp4 only"):
+    SVDQuantDense(96, rank=16, fmt="int4", channel_scales=True).init(jax.random.key(0), x)
+  with pytest.raises(packing.QuantizedLinearError, match="wcscales"):
+    plain.replace(wcscales=wc[:-1]).validate()
+  spec = QuantSpec.of(ql)
+  assert spec.channel_scales and spec.fmt == "nvfp4"
+  nnx_layer = SVDQuantDenseNNX.from_quantized(ql)
+  np.testing.assert_array_equal(np.asarray(nnx_layer(x)), np.asarray(layer.apply(variables, x)))
+
+
+# ----------------------------------------------------------------------------- weight-only (AWQ form)
+def _np_awq_dequant(u, s, z, np_dtype):
+  """``u · s + z`` exactly (float64), rounded once to the activation dtype: ``[K, N]``."""
+  k, n = u.shape
+  g = k // s.shape[0]
+  w = (u.astype(np.float64).reshape(k // g, g, n) * s.astype(np.float64)[:, None, :]
+       + z.astype(np.float64)[:, None, :])
+  return w.reshape(k, n).astype(np_dtype)
+
+
+def test_weight_only_int4_is_the_engine_awq_form():
+  """PTQ form (``weight_only_params``): ``u = q + 7``, ``z = -bf16(7 s)``; the layer dequantizes
+  ``u·s + z`` rounded once to the activation dtype (numpy), and the swap puts ``qweight``,
+  ``wscales``, ``wzeros``, ``bias`` at the Dense's path."""
+  import ml_dtypes
+  from svdquant_jax.nn import WeightOnlyDense, WeightOnlySpec, weight_only_params
+  from svdquant_jax.nn import weight_only as wo
+  rng = np.random.default_rng(6)
+  kernel = jnp.asarray(rng.standard_normal((128, 48)) * 0.05, jnp.bfloat16)
+  bias = jnp.asarray(rng.standard_normal(48), jnp.bfloat16)
+  spec = WeightOnlySpec("int4", 64)
+  params = weight_only_params(kernel, bias, spec)
+  assert set(params) == {"qweight", "wscales", "wzeros", "bias"}
+  u = np.asarray(packing.unpack(params["qweight"], layout="KN", signed=False))
+  codes, scales = q.quantize_int4_weight(kernel, 64, scale_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(u, np.asarray(codes, np.int64) + 7)
+  s = np.asarray(params["wscales"]).astype(np.float32)
+  np.testing.assert_array_equal(s, np.asarray(scales, np.float32))
+  np.testing.assert_array_equal(np.asarray(params["wzeros"]), (-(np.float32(7) * s)).astype(ml_dtypes.bfloat16))
+  for dtype, np_dtype in [(jnp.bfloat16, ml_dtypes.bfloat16), (jnp.float16, np.float16), (jnp.float32, np.float32)]:
+    got = np.asarray(wo.dequantize(params, spec, dtype))
+    np.testing.assert_array_equal(got, _np_awq_dequant(u, s, np.asarray(params["wzeros"]), np_dtype))
+  layer = WeightOnlyDense(48, param_dtype=jnp.bfloat16, spec=spec)
+  x = jnp.asarray(rng.standard_normal((5, 128)), jnp.bfloat16)
+  y = layer.apply({"params": params}, x)
+  want = np.asarray(x, np.float64) @ _np_awq_dequant(u, s, np.asarray(params["wzeros"]), np.float64) + np.asarray(
+      bias, np.float64)
+  assert y.dtype == jnp.bfloat16 and relative_error(y, want) <= 1e-2
+  with swap_dense({"head": spec}):
+    tree = trees.flatten(jax.eval_shape(Model().init, jax.random.key(0), jnp.ones((1, 4, 64)))["params"])
+  assert {p for p in tree if p.startswith("head/")} == {"head/qweight", "head/wscales", "head/wzeros", "head/bias"}
+
+
+def test_weight_only_int4_with_imported_zero_points():
+  """An imported (Nunchaku) adaLN layer: any unsigned codes in [0, 15] and arbitrary zero points."""
+  import ml_dtypes
+  from svdquant_jax.nn import WeightOnlyDense, WeightOnlySpec
+  rng = np.random.default_rng(7)
+  k, n = 128, 40
+  u = rng.integers(0, 16, (k, n))
+  assert len(np.unique(u)) == 16
+  s = (np.exp(rng.uniform(-6, -2, (k // 64, n)))).astype(ml_dtypes.bfloat16)
+  z = (rng.standard_normal((k // 64, n)) * 0.05).astype(ml_dtypes.bfloat16)
+  params = {"qweight": packing.pack(jnp.asarray(u, jnp.uint8), layout="KN", signed=False),
+            "wscales": jnp.asarray(s), "wzeros": jnp.asarray(z), "bias": jnp.zeros((n,), jnp.bfloat16)}
+  layer = WeightOnlyDense(n, param_dtype=jnp.bfloat16, spec=WeightOnlySpec("int4", 64))
+  layer.check_params(params, k)
+  x = jnp.asarray(rng.standard_normal((6, k)), jnp.float32)
+  y = np.asarray(layer.apply({"params": params}, x), np.float64)  # float32 activations: float32 weights
+  want = np.asarray(x, np.float64) @ _np_awq_dequant(u, s, z, np.float32).astype(np.float64)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(CheckpointError, match="wzeros"):
+    layer.check_params({k_: v for k_, v in params.items() if k_ != "wzeros"}, k)

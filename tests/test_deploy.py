@@ -1,14 +1,16 @@
 """Deployment: the packed layer built by quant.deploy.to_quantized_linear runs what was calibrated.
 
-For every method (SVDQuant INT4 with and without the fc2 shift, NVFP4, W8A8, rank 0 = RTN), with
-GPTQ on and off, the deployed layer through the reference op equals ``fake_forward`` (the
-function every search minimised) in float32, and GPTQ's codes survive deployment, which
-``from_components(residual=...)`` (RTN of the float residual) would silently replace.
+For every method (SVDQuant INT4 with and without the fc2 shift, NVFP4, NVFP4 members fused with
+per-channel scales, W8A8, rank 0 = RTN), with GPTQ on and off, the deployed layer through the
+reference op equals ``fake_forward`` (the function every search minimised) in float32, and GPTQ's
+codes survive deployment, which ``from_components(residual=...)`` (RTN of the float residual)
+would silently replace. The deployment constants are host float64 values rounded once.
 """
 
 import dataclasses
 
 import jax
+import ml_dtypes
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,3 +138,58 @@ def test_to_quantized_linear_refuses_what_it_cannot_deploy_as_calibrated():
   np.testing.assert_array_equal(np.asarray(ql.weight_codes()), np.asarray(rq.codes))
   with pytest.raises(qz.QuantizationError, match=r"\[K, N\]"):
     to_quantized_linear(jax.tree.map(lambda a: a[None], w), qz.INT4)
+
+
+@pytest.mark.parametrize("gptq", [True, False], ids=["gptq", "rtn"])
+def test_fused_nvfp4_members_deploy_with_channel_scales(gptq):
+  """q, k, v calibrated as one group with a shared branch, each with its own NVFP4 per-tensor
+  scale, deploy as one layer whose per-channel scales ``wcscales`` hold the members' scales (as
+  Nunchaku's fused qkv); it runs what the three calibrated layers compute."""
+  x = _inputs(4, 256, 128, gelu=False)
+  params = [_kernel(5 + i, 128, n) for i, n in enumerate((64, 32, 48))]
+  kernels = [w * scale for (w, _), scale in zip(params, (1.0, 7.0, 0.2))]  # different tensor scales
+  layers = sq.quantize_linear_group(kernels, [b for _, b in params], x, qz.NVFP4, rank=16, shared_branch=True,
+                                    **SETTINGS)
+  if not gptq:
+    layers = [dataclasses.replace(w, residual_q=None) for w in layers]
+  ql = to_quantized_linear(layers, qz.NVFP4, dtype=jnp.float32)
+  scales = [float(qz.quantize_weight(w.residual, qz.NVFP4).tensor_scale if w.residual_q is None
+                  else w.residual_q.tensor_scale) for w in layers]
+  assert len(set(scales)) == 3 and float(ql.wtscale[0]) == 1.0
+  np.testing.assert_array_equal(np.asarray(ql.wcscales), np.repeat(np.float32(scales), [64, 32, 48]))
+  y = np.asarray(svdquant_linear(x, ql, backend="reference"), np.float64)
+  want = np.concatenate([np.asarray(sq.fake_forward(x, w, qz.NVFP4), np.float64) for w in layers], axis=1)
+  diff = np.abs(y - want).max() / np.abs(want).max()
+  assert diff < TOLERANCE, diff
+  # the same members deployed one by one hold the scale as wtscale
+  single = to_quantized_linear(layers[1], qz.NVFP4)
+  assert single.wcscales is None and float(single.wtscale[0]) == scales[1]
+  with pytest.raises(qz.QuantizationError, match="smoothing"):
+    to_quantized_linear([layers[0], dataclasses.replace(layers[1], smooth=layers[1].smooth * 2)], qz.NVFP4)
+
+
+def test_deployment_constants_are_host_float64():
+  """bf16 deployment: ``lora_down = bf16(f64(A)/f64(λ))``, ``smooth = bf16(λ)`` and the shift
+  compensation ``bias = bf16(f64(b) - Σ_k (δ/λ'_k) Qw(R)[k, :])`` with the stored divisor
+  ``λ' = bf16(λ)``, each rounded once as deepcompressor (float64 -> float32 -> bf16)."""
+  rng = np.random.default_rng(9)
+  k, n, r = 128, 64, 8
+  lam = np.exp(rng.uniform(-2, 2, k)).astype(np.float32)
+  a = rng.standard_normal((k, r)).astype(np.float32)
+  w = sq.SVDQuantWeights(jnp.asarray(lam), jnp.asarray(rng.standard_normal((k, n)) * 0.1, jnp.float32), jnp.asarray(a),
+                         jnp.asarray(rng.standard_normal((r, n)), jnp.float32),
+                         jnp.asarray(rng.standard_normal(n), jnp.float32))
+  fmt = dataclasses.replace(qz.INT4, scale_dtype="bfloat16")
+  ql = to_quantized_linear(w, fmt, shift=qz.GELU_SHIFT, dtype=jnp.bfloat16)
+  bf16 = lambda v: np.asarray(v, np.float64).astype(np.float32).astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(np.asarray(ql.smooth), lam.astype(ml_dtypes.bfloat16))
+  np.testing.assert_array_equal(np.asarray(ql.lora_down), bf16(a.astype(np.float64) / lam.astype(np.float64)[:, None]))
+  rq = qz.quantize_weight(w.residual, fmt)
+  qw = np.asarray(rq.codes, np.float64) * np.repeat(np.asarray(rq.scales.astype(jnp.float32), np.float64), 64, axis=0)
+  lam_stored = lam.astype(ml_dtypes.bfloat16).astype(np.float64)
+  want_bias = bf16(np.asarray(w.bias, np.float64) - (qz.GELU_SHIFT / lam_stored) @ qw)
+  np.testing.assert_array_equal(np.asarray(ql.bias), want_bias)
+  # float32 (under jit, traced values) gives the same layer up to float32 rounding of the constants
+  traced = jax.jit(lambda w: to_quantized_linear(w, fmt, shift=qz.GELU_SHIFT, dtype=jnp.bfloat16))(w)
+  got, want = np.asarray(traced.bias, np.float32), np.asarray(ql.bias, np.float32)
+  assert np.all(np.abs(got - want) <= 2 ** -8 * np.abs(want))  # at most one bf16 rounding step apart

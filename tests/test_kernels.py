@@ -17,6 +17,7 @@ from svdquant_jax.formats import packing
 from svdquant_jax.pallas import reference, registry, triton as tr, tuning
 from svdquant_jax.pallas import svdquant_linear
 from svdquant_jax.formats import quantizers as q
+from test_quantizers import np_int4_act
 
 
 # ============================================================================= Triton kernels
@@ -61,19 +62,28 @@ class TestTritonKernels(KernelTestBase):
 
 
 def _lower_for_gpu(fn, *args):
-  """Lowers ``fn`` to a cuda module on this machine (Pallas-Triton lowers to Triton IR in Python)."""
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  """Lowers ``fn`` to a cuda module on this machine (Pallas-Triton lowers to Triton IR in Python).
+
+  Under an abstract H100 mesh: jax 0.11 needs an (abstract) GPU device to lower for CUDA without one.
+  """
+  h100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+  with jax.sharding.use_abstract_mesh(h100):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("key", sorted({k for k in tuning.TRITON_TABLE if k[0] != "interpret"}), ids=str)
 def test_triton_kernels_lower_for_gpu_with_every_table_config(key):
   """Every primitive used has a Pallas-Triton lowering (no value slicing etc.), for each tile
-  config of the table, signed/unsigned, rank 0/32, bf16/fp16/fp32 (compiled on the GPU only)."""
+  config of the table, signed/unsigned, rank 0/32, bf16/fp16/fp32, with and without per-channel
+  scales in the epilogue (compiled on the GPU only)."""
   cfg = tuning.TRITON_TABLE[key]
   rng = np.random.default_rng(5)
   variants = [(32, 0.0, jnp.bfloat16, True), (0, q.GELU_SHIFT, jnp.float16, False), (32, q.GELU_SHIFT, jnp.float32, True)]
   for rank, shift, dtype, bias in variants:
     params = random_layer(rng, 448, 200, rank, shift=shift, dtype=dtype, bias=bias)
+    if rank == 0:
+      params = params.replace(wcscales=jnp.ones((200,), jnp.float32))
     x = random_activations(rng, 300, 448, dtype)
 
     def op(x, params):
@@ -98,6 +108,82 @@ def test_triton_gemm_lowers_for_gpu_with_every_sweep_candidate(tile):
     return tr.gemm(codes, scales, parts, params, x.shape[0], x.dtype, cfg.gemm, interpret=False)
 
   assert "triton" in _lower_for_gpu(op, x, params)
+
+
+def test_grouped_program_order_covers_the_grid_once_in_m_groups():
+  """Every (pid_m, pid_n) exactly once; consecutive programs walk ``group_m`` M tiles down one N
+  column (the last group shorter when group_m does not divide the M tiles)."""
+  for grid_m, grid_n, group_m in [(7, 5, 3), (32, 72, 8), (3, 4, 8), (5, 2, 1)]:
+    pid = jnp.arange(grid_m * grid_n)
+    pm, pn = (np.asarray(v) for v in tr.grouped_program_ids(pid, grid_m, grid_n, group_m))
+    assert sorted(zip(pm.tolist(), pn.tolist())) == [(i, j) for i in range(grid_m) for j in range(grid_n)]
+    g = min(group_m, grid_m)
+    np.testing.assert_array_equal(pm[:2 * g], np.tile(np.arange(g), 2))
+    np.testing.assert_array_equal(pn[:2 * g], np.repeat([0, 1], g))
+  pm, pn = (np.asarray(v) for v in tr.grouped_program_ids(jnp.arange(35), 7, 5, 3))
+  np.testing.assert_array_equal(pm[30:], [6] * 5)  # last group: one M tile, every N tile in order
+  np.testing.assert_array_equal(pn[30:], np.arange(5))
+
+
+def test_lora_partials_are_reduced_once_in_chunk_order():
+  rng = np.random.default_rng(3)
+  parts = jnp.asarray(rng.standard_normal((5, 48, 32)) * 10, jnp.float32)
+  got = tr.reduce_lora_partials(parts, jnp.bfloat16)
+  want = np.asarray(parts[0])
+  for c in range(1, 5):
+    want = (want + np.asarray(parts[c])).astype(np.float32)
+  assert got.dtype == jnp.bfloat16 and got.shape == (48, 32)
+  np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                want.astype(ml_dtypes.bfloat16).astype(np.float32))
+  with pytest.raises(ValueError, match=r"float32 \[chunks, m_pad, rank_pad\]"):
+    tr.reduce_lora_partials(parts[0], jnp.bfloat16)
+
+
+def test_gemm_takes_reduced_lora_act_or_partials_with_identical_output():
+  """Kernel 2 reads ``lora_act [m_pad, rank_pad]`` (activation dtype); kernel 1's partials are
+  reduced to it first. Both routes give the same bits; a wrong shape or dtype is named."""
+  rng = np.random.default_rng(8)
+  m, k, n = 40, 320, 72  # K/64 = 5 groups: the step of 2 becomes 1
+  params = random_layer(rng, k, n, 24, dtype=jnp.bfloat16)
+  x = random_activations(rng, m, k, jnp.bfloat16)
+  cfg = tuning.triton_config(m, n, k, interpret=True)
+  m_pad = tr.padded_rows(m, cfg)
+  codes, scales, parts = tr.quantize_activations(x, params, cfg.quantize, m_pad=m_pad, interpret=True)
+  lora_act = tr.reduce_lora_partials(parts, jnp.bfloat16)
+  y2 = tr.gemm(codes, scales, lora_act, params, m, jnp.bfloat16, cfg.gemm, interpret=True)
+  y3 = tr.gemm(codes, scales, parts, params, m, jnp.bfloat16, cfg.gemm, interpret=True)
+  np.testing.assert_array_equal(np.asarray(y2, np.float32), np.asarray(y3, np.float32))
+  assert relative_error(y2, reference.svdquant_linear_reference(x, params)) < 1e-3
+  with pytest.raises(ValueError, match=rf"lora_act must be bfloat16 \[{m_pad}, 32\].*got float32"):
+    tr.gemm(codes, scales, lora_act.astype(jnp.float32), params, m, jnp.bfloat16, cfg.gemm, interpret=True)
+
+
+def test_prepared_lowrank_factors_cost_no_op_per_call_and_change_no_bit():
+  """``prepare_params`` pads/casts the factors once; calls then emit no pad or convert for them
+  (nor do rank-32 factors already in the activation dtype), and the output is bit-identical."""
+  rng = np.random.default_rng(9)
+  params = random_layer(rng, 128, 48, 24, dtype=jnp.float32)
+  prepared = tr.prepare_params(params, jnp.bfloat16)
+  assert prepared.rank == 32 and prepared.lora_down.dtype == jnp.bfloat16
+  assert not np.asarray(prepared.lora_down[:, 24:], np.float32).any() and not np.asarray(prepared.lora_up[24:]).any()
+
+  def prims(p):
+    jaxpr = jax.make_jaxpr(lambda q: tr.lowrank_factors(q, jnp.bfloat16))(p)
+    return [e.primitive.name for e in jaxpr.jaxpr.eqns]
+
+  assert prims(params) and not prims(prepared)
+  assert not prims(random_layer(rng, 128, 48, 32, dtype=jnp.bfloat16))
+  x = random_activations(rng, 20, 128, jnp.bfloat16)
+  y = tr.svdquant_linear_triton(x, params, interpret=True)
+  np.testing.assert_array_equal(np.asarray(tr.svdquant_linear_triton(x, prepared, interpret=True), np.float32),
+                                np.asarray(y, np.float32))
+
+
+def test_float32_activations_get_a_kernel1_tile_that_fits_the_registers():
+  base = tuning.TRITON_TABLE[("h100", "large")]
+  f32 = tuning.for_dtype(base, jnp.float32)
+  assert f32.quantize.num_warps == tuning.FLOAT32_QUANTIZE_WARPS > base.quantize.num_warps
+  assert f32.gemm == base.gemm and tuning.for_dtype(base, jnp.bfloat16) is base
 
 
 # ============================================================================= packing
@@ -193,8 +279,14 @@ def test_from_float_matches_the_quantizers_and_folds_the_formula(fmt):
   np.testing.assert_array_equal(np.asarray(p.wscales, np.float32), np.asarray(scales, np.float32).reshape(p.wscales.shape))
   np.testing.assert_array_equal(np.asarray(p.dequantized_weight()), np.asarray(deq))
   np.testing.assert_allclose(np.asarray(p.lora_down), np.asarray(a) / np.asarray(lam)[:, None], rtol=1e-6)
-  b_eff = np.asarray(b, np.float64) - shift * np.asarray(deq, np.float64).sum(0)
-  np.testing.assert_allclose(np.asarray(p.bias, np.float64), b_eff, rtol=1e-6, atol=1e-6)
+  # host-side float64 deployment constants, rounded once: A/λ and b - Σ_k (δ/λ_k) Qw(R)[k, :]
+  np.testing.assert_array_equal(np.asarray(p.lora_down),
+                                (np.asarray(a, np.float64) / np.asarray(lam, np.float64)[:, None]).astype(np.float32))
+  b_eff = np.asarray(b, np.float64)
+  if shift:  # int4: Qw(R) exactly, codes times the scales in float64
+    deq64 = np.asarray(codes, np.float64) * np.repeat(np.asarray(scales, np.float64), 64, axis=0)
+    b_eff = b_eff - (shift / np.asarray(lam, np.float64)) @ deq64
+  np.testing.assert_array_equal(np.asarray(p.bias), b_eff.astype(np.float32))
   assert p.group_size == {"int4": 64, "nvfp4": 16, "int8": k}[fmt] and p.rank == r and p.act_unsigned == (shift > 0)
 
 
@@ -222,27 +314,32 @@ def test_from_components_errors():
 # ============================================================================= reference
 @pytest.mark.parametrize("unsigned", [False, True], ids=["signed", "unsigned"])
 def test_reference_activation_quantization_is_ieee_float32(unsigned):
-  """Reference kernel 1 (jitted, as the op runs) against numpy float32: correctly rounded
-  divisions, scales rounded to bf16, ``np.round`` (half to even). bf16 data hits exact .5 ties,
-  where a reciprocal-multiply shortcut would round differently."""
+  """Reference kernel 1 (jitted, as the op runs) against numpy float32 (spec §3.1): ``x + δ``
+  rounded to bf16, the IEEE quotient by λ rounded to bf16, ``s = absmax · fl(1/qmax)``, codes
+  ``rint(x̃ · fl(1/s))`` (half to even), scales rounded to bf16. The first rows are built on
+  power-of-two λ with group absmax 14 (s = 2): exact .5 ties."""
   rng = np.random.default_rng(8 + unsigned)
   m, k = 256, 256
   shift = q.GELU_SHIFT if unsigned else 0.0
   params = random_layer(rng, k, 16, 8, shift=shift)
-  x = random_activations(rng, m, k, jnp.bfloat16, gelu=unsigned)
+  params = params.replace(smooth=jnp.asarray(np.exp2(rng.integers(-2, 3, k)), jnp.bfloat16))
+  x = np.asarray(random_activations(rng, m, k, jnp.bfloat16, gelu=unsigned), np.float32)
+  if not unsigned:
+    ints = rng.integers(-13, 14, (8, k)).astype(np.float32)
+    ints[:, ::64] = 14.0
+    x[:8] = ints * np.asarray(params.smooth, np.float32)
+  x = jnp.asarray(x, jnp.bfloat16)
   acts = jax.jit(reference.quantize_activations)(x, params)
-  xs = np.asarray(x, np.float32) / np.asarray(params.smooth, np.float32)
+  bf16 = lambda v: v.astype(ml_dtypes.bfloat16).astype(np.float32)
+  xs = np.asarray(x, np.float32)
   if unsigned:
-    xs = xs + np.float32(shift)
-  g = xs.reshape(m, k // 64, 64)
-  qmax = np.float32(15 if unsigned else 7)
-  scale = (np.abs(g).max(-1) / qmax).astype(ml_dtypes.bfloat16)
-  s = scale.astype(np.float32)[..., None]
-  v = g / np.where(s == 0, np.float32(1), s)
-  codes = np.where(s == 0, 0, np.clip(np.round(v), 0 if unsigned else -qmax, qmax)).reshape(m, k)
-  assert np.sum(np.abs(v - np.trunc(v)) == 0.5) > 0, "the data should contain exact ties"
-  np.testing.assert_array_equal(np.asarray(acts.scales, np.float32), s[..., 0])
-  np.testing.assert_array_equal(np.asarray(acts.codes), codes.astype(np.int8))
+    xs = bf16(xs + np.float32(shift))
+  xs = bf16(xs / np.asarray(params.smooth, np.float32))
+  codes, scales, v = np_int4_act(xs, 64, unsigned, ml_dtypes.bfloat16)
+  if not unsigned:
+    assert np.sum(np.abs(v - np.trunc(v)) == 0.5) > 100, "the data should contain exact ties"
+  np.testing.assert_array_equal(np.asarray(acts.scales, np.float32), scales.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(acts.codes), codes)
   np.testing.assert_allclose(np.asarray(acts.lora_act),
                              np.asarray(x, np.float64) @ np.asarray(params.lora_down, np.float64), rtol=1e-5, atol=1e-6)
 

@@ -28,13 +28,23 @@ def np_int4_weight(w, group, scale_dtype=np.float32):
   return np.clip(np.round(ratio), -7, 7).reshape(k, n), scale, ratio.reshape(k, n)
 
 
-def np_int4_act(x, group, unsigned=False):
-  g = x.astype(np.float64).reshape(*x.shape[:-1], x.shape[-1] // group, group)
+def _np_reciprocal(s):
+  """IEEE float32 1/s (numpy divides correctly rounded), 0 where s == 0 (all-zero group)."""
+  with np.errstate(divide="ignore", over="ignore"):
+    r = np.float32(1) / s
+  return np.where((s > 0) & np.isfinite(r), r, np.float32(0)).astype(np.float32)
+
+
+def np_int4_act(x, group, unsigned=False, scale_dtype=np.float32):
+  """The engine's INT4 activation quantizer (spec §3.1) in numpy float32: ``s = absmax · fl(1/qmax)``,
+  codes ``sat(rint(x · fl(1/s)))`` in [-8, 7] / [0, 15], scale returned rounded to ``scale_dtype``."""
+  g = x.astype(np.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
   qmax = 15 if unsigned else 7
-  scale = (np.abs(g).max(axis=-1) / qmax).astype(np.float32)
-  s = scale.astype(np.float64)[..., None]
-  ratio = np.divide(g, s, out=np.zeros_like(g), where=s != 0)
-  return np.clip(np.round(ratio), 0 if unsigned else -7, qmax).reshape(x.shape), scale, ratio.reshape(x.shape)
+  s = np.abs(g).max(axis=-1) * (np.float32(1) / np.float32(qmax))
+  assert s.dtype == np.float32
+  v = g * _np_reciprocal(s)[..., None]
+  codes = np.clip(np.rint(v), 0 if unsigned else -8, qmax)
+  return codes.reshape(x.shape).astype(np.int8), s.astype(scale_dtype), v.reshape(x.shape)
 
 
 def np_e2m1_code(v):
@@ -66,11 +76,13 @@ def np_nvfp4_weight(w, group=16):
 
 
 def np_nvfp4_act(x, group=16):
+  """The engine's NVFP4 activation quantizer (spec §3.2) in numpy float32: ``s = min(absmax · fl(1/6), 448)``,
+  codes = E2M1 (nearest, ties to even, saturating) of ``x · fl(1/s)``, scale ``fp8_e4m3(s)`` (RNE)."""
   g = x.astype(np.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
-  scale = np.minimum(np.abs(g).max(axis=-1) / np.float32(6), np.float32(448)).astype(ml_dtypes.float8_e4m3fn)
-  s = scale.astype(np.float32)[..., None]
-  v = np.clip(np.divide(g, s, out=np.zeros_like(g), where=s != 0), -6, 6)
-  return np_e2m1_code(v).reshape(x.shape), scale
+  s = np.minimum(np.abs(g).max(axis=-1) * (np.float32(1) / np.float32(6)), np.float32(448))
+  assert s.dtype == np.float32
+  v = np.clip(g * _np_reciprocal(s)[..., None], -6, 6)
+  return np_e2m1_code(v.astype(np.float64)).reshape(x.shape), s.astype(ml_dtypes.float8_e4m3fn)
 
 
 def _assert_codes_match(codes, ref_codes, ratio):
@@ -117,9 +129,9 @@ def test_int4_act_signed_and_unsigned_shift():
   rng = np.random.default_rng(1)
   x = _heavy(rng, (5, 128))
   codes, scales = qz.quantize_int4_act(jnp.asarray(x), 64)
-  ref_codes, ref_scales, ratio = np_int4_act(x, 64)
+  ref_codes, ref_scales, _ = np_int4_act(x, 64)
   np.testing.assert_array_equal(np.asarray(scales), ref_scales)
-  _assert_codes_match(codes, ref_codes, ratio)
+  np.testing.assert_array_equal(np.asarray(codes), ref_codes)
   np.testing.assert_array_equal(np.asarray(qz.fake_int4_act(jnp.asarray(x), 64)),
                                 np.asarray(qz.dequantize_act(codes, scales)))
   # GELU(tanh) outputs are >= -0.1700: shifted by 0.171875 they are >= 0 and use [0, 15]
@@ -128,15 +140,80 @@ def test_int4_act_signed_and_unsigned_shift():
   shifted = (gelu + qz.GELU_SHIFT).astype(np.float32)
   assert shifted.min() >= 0
   ucodes, uscales = qz.quantize_int4_act(jnp.asarray(shifted), 64, unsigned=True)
-  ref_codes, ref_scales, ratio = np_int4_act(shifted, 64, unsigned=True)
+  ref_codes, ref_scales, _ = np_int4_act(shifted, 64, unsigned=True)
   np.testing.assert_array_equal(np.asarray(uscales), ref_scales)
-  _assert_codes_match(ucodes, ref_codes, ratio)
+  np.testing.assert_array_equal(np.asarray(ucodes), ref_codes)
   assert int(ucodes.min()) == 0 and int(ucodes.max()) == 15
   # below-zero inputs clip to code 0 in the unsigned quantizer
   neg = np.full((5, 128), -0.5, np.float32)
   neg[0, 0] = 3.0
   ncodes, _ = qz.quantize_int4_act(jnp.asarray(neg), 64, unsigned=True)
   assert int(ncodes[0, 1]) == 0 and int(ncodes[0, 0]) == 15
+
+
+def _edge_groups():
+  """bf16-exact rows of 64-wide groups: exact .5 ties (absmax 14: s = 2, 1/s = 0.5), an all-zero
+  group, a negative absmax, values that differ in the last bits, random data."""
+  rng = np.random.default_rng(12)
+  ties = np.array([14.0, 1, 3, 5, 7, 9, 11, 13, -1, -3, -5, -7, -9, -11, -13, 0] * 4, np.float32)
+  neg = (-ties).copy()
+  zero = np.zeros(64, np.float32)
+  fine = (1.0 + np.arange(64) * 2.0 ** -7).astype(np.float32) * np.where(np.arange(64) % 2, -1, 1)
+  rand = (rng.standard_normal(64) * np.exp(rng.standard_normal(64))).astype(np.float32)
+  rows = np.stack([np.concatenate([ties, zero, neg, fine]), np.concatenate([rand, ties * 2.0 ** -20, fine * 3, zero])])
+  return rows.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+@pytest.mark.parametrize("unsigned", [False, True], ids=["signed", "unsigned"])
+def test_int4_act_is_the_engine_quantizer_bit_for_bit(unsigned):
+  """Spec §3.1: ``s = absmax · fl(1/qmax)`` in float32, codes from the reciprocal of the unrounded
+  scale, dequantized with ``s`` rounded to the model dtype; eager and jitted; ties, zero groups."""
+  x = _edge_groups()
+  if unsigned:  # absmax 15 gives s = 1 and ties at k + 0.5; negatives saturate to 0
+    x = np.concatenate([x, np.array([[15.0, 2.5, 3.5, 0.5, -0.5, -3.0] + [0.0] * 58 + [0.0] * 192] * 2, np.float32)],
+                       axis=1)
+  ref_codes, ref_scales, v = np_int4_act(x, 64, unsigned, ml_dtypes.bfloat16)
+  assert np.sum(np.abs(v - np.trunc(v)) == 0.5) >= 20, "the edge data must contain exact .5 ties"
+  for fn in (qz.quantize_int4_act, jax.jit(qz.quantize_int4_act, static_argnums=(1, 2, 3))):
+    codes, scales = fn(jnp.asarray(x), 64, unsigned, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(codes), ref_codes)
+    np.testing.assert_array_equal(np.asarray(scales.astype(jnp.float32)), ref_scales.astype(np.float32))
+  # ties round to even: 2.5 -> 2, 3.5 -> 4, 0.5 -> 0, -2.5 -> -2 (first group: x / 2)
+  if not unsigned:
+    np.testing.assert_array_equal(np.asarray(codes)[0, :16], [7, 0, 2, 2, 4, 4, 6, 6, 0, -2, -2, -4, -4, -6, -6, 0])
+  else:
+    np.testing.assert_array_equal(np.asarray(codes)[0, 256:262], [15, 2, 4, 0, 0, 0])
+  assert not np.any(np.asarray(codes)[0, 64:128]) and float(scales[0, 1]) == 0  # all-zero group
+  fake = np.asarray(qz.fake_quant_act(jnp.asarray(x), qz.QuantFormat("int4", "int4", 64, "bfloat16"), unsigned))
+  want = (ref_codes.reshape(2, -1, 64).astype(np.float32) * ref_scales.astype(np.float32)[..., None]).reshape(x.shape)
+  np.testing.assert_array_equal(fake, want)
+
+
+def test_nvfp4_act_is_the_engine_quantizer_bit_for_bit():
+  """Spec §3.2: ``s = min(absmax · fl(1/6), 448)``, codes E2M1 (ties to even, saturating) of
+  ``x · fl(1/s)`` with the unrounded s, dequantized with ``fp8_e4m3(s)``: ties, zero groups,
+  saturation past the 448 clamp."""
+  rng = np.random.default_rng(13)
+  ties = np.array([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, 0.0])
+  clamp = np.array([6000.0, 448 * 2.5, 448 * 7, -448 * 9, 448 * 0.75, 100.0, -3000.0, 448 * 5] * 2)
+  zero = np.zeros(16)
+  rand = rng.standard_normal(16) * 3
+  tiny = rng.standard_normal(16) * 1e-4  # fp8(s) underflows: dequantized to 0, codes still follow x · fl(1/s)
+  x = np.stack([np.concatenate([ties, clamp, zero, rand]), np.concatenate([rand * 100, tiny, ties * 2.0 ** -6, ties])])
+  x = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+  ref_codes, ref_scales = np_nvfp4_act(x)
+  for fn in (qz.quantize_nvfp4_act, jax.jit(qz.quantize_nvfp4_act, static_argnums=1)):
+    codes, scales = fn(jnp.asarray(x), 16)
+    np.testing.assert_array_equal(np.asarray(codes), ref_codes)
+    np.testing.assert_array_equal(np.asarray(scales.astype(jnp.float32)), ref_scales.astype(np.float32))
+  np.testing.assert_array_equal(np_e2m1_value(np.asarray(codes)[0, :16]),
+                                [6, 0, 1, 1, 2, 2, 4, 4, 0, -1, -1, -2, -2, -4, -4, 0])
+  assert float(scales[0, 1].astype(jnp.float32)) == 448.0  # the clamp
+  np.testing.assert_array_equal(np_e2m1_value(np.asarray(codes)[0, 16:24]), [6, 2, 6, -6, 1, 0, -6, 4])
+  assert not np.any(np.asarray(codes)[0, 32:48]) and float(scales[0, 2].astype(jnp.float32)) == 0
+  fake = np.asarray(qz.fake_quant_act(jnp.asarray(x), qz.NVFP4))
+  want = np_e2m1_value(ref_codes).reshape(2, 4, 16) * ref_scales.astype(np.float32)[..., None]
+  np.testing.assert_array_equal(fake, want.reshape(x.shape).astype(np.float32))
 
 
 def test_true_divide_is_ieee():
@@ -206,6 +283,51 @@ def test_nvfp4_act_matches_numpy():
   fake = np.asarray(qz.fake_nvfp4_act(jnp.asarray(x)))
   ref = np_e2m1_value(ref_codes).reshape(5, 8, 16) * ref_scales.astype(np.float32)[..., None]
   np.testing.assert_array_equal(fake, ref.reshape(5, 128).astype(np.float32))
+
+
+def test_nvfp4_tensor_scale_is_rounded_to_the_scale_dtype():
+  """The per-tensor scale is rounded to the model dtype before the micro-scales are formed, so a
+  16-bit ``wtscale`` holds it exactly (bf16 by default, fp16 for fp16 models)."""
+  rng = np.random.default_rng(14)
+  w = jnp.asarray(_heavy(rng, (64, 32)))
+  for scale_dtype, np_dtype in [(None, ml_dtypes.bfloat16), ("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)]:
+    fmt = qz.QuantFormat("nvfp4", "nvfp4", 16, scale_dtype)
+    q = qz.quantize_weight(w, fmt)
+    s_t = np.float32(q.tensor_scale)
+    assert np.float32(np.float32(s_t).astype(np_dtype)) == s_t
+    g = np.asarray(w).reshape(4, 16, 32)
+    s_g = np.abs(g).max(axis=1) / np.float32(6)
+    assert s_t == np.float32((s_g.max() / np.float32(448)).astype(np_dtype))
+    np.testing.assert_array_equal(np.asarray(q.scales.astype(jnp.float32)),
+                                  np.minimum(s_g / s_t, np.float32(448)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(qz.dequantize_weight(q, fmt)), np.asarray(qz.fake_quant_weight(w, fmt)))
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float16])
+def test_awq_weight_only_int4_matches_numpy(scale_dtype):
+  """Weight-only INT4 in the engine's AWQ form: RTN codes q, ``u = q + 7``, ``s = dtype(absmax/7)``,
+  ``z = -dtype(7 · s)`` (product in float32), dequantized ``u · s + z`` then one rounding."""
+  rng = np.random.default_rng(15)
+  w = _heavy(rng, (128, 48))
+  w[64:, 3] = 0.0  # an all-zero group
+  np_dtype = ml_dtypes.bfloat16 if scale_dtype == jnp.bfloat16 else np.float16
+  u, s, z = qz.quantize_awq_weight(jnp.asarray(w), 64, scale_dtype)
+  ref_q, ref_s, ratio = np_int4_weight(w, 64, np_dtype)
+  ref_s32 = ref_s.astype(np.float32)
+  _assert_codes_match(np.asarray(u, np.int64) - 7, ref_q, ratio)
+  assert u.dtype == jnp.uint8 and int(u.min()) == 0 and int(u.max()) == 14
+  np.testing.assert_array_equal(np.asarray(s.astype(jnp.float32)), ref_s32)
+  ref_z = (-(np.float32(7) * ref_s32)).astype(np_dtype)
+  np.testing.assert_array_equal(np.asarray(z.astype(jnp.float32)), ref_z.astype(np.float32))
+  assert np.any(ref_z.astype(np.float64) != -7 * ref_s32.astype(np.float64)), "z is not always exactly -7 s"
+  deq = np.asarray(qz.dequantize_awq_weight(u, s, z, scale_dtype).astype(jnp.float32))
+  u64 = np.asarray(u, np.float64).reshape(2, 64, 48)
+  exact = u64 * ref_s32.astype(np.float64)[:, None, :] + ref_z.astype(np.float64)[:, None, :]
+  np.testing.assert_array_equal(deq, exact.astype(np_dtype).astype(np.float32).reshape(128, 48))
+  fmt = qz.QuantFormat("int4", None, 64, jnp.dtype(scale_dtype).name)
+  fake = np.asarray(qz.fake_quant_weight(jnp.asarray(w), fmt))
+  np.testing.assert_array_equal(fake, exact.astype(np.float32).reshape(128, 48))
+  np.testing.assert_array_equal(np.asarray(qz.dequantize_weight(qz.quantize_weight(jnp.asarray(w), fmt), fmt)), fake)
 
 
 # ----------------------------------------------------------------------------- INT8 and NF4

@@ -51,23 +51,50 @@ def test_fake_forward_is_the_canonical_formula(fmt, shift):
                          jnp.asarray(rng.standard_normal((r, n)), jnp.float32),
                          jnp.asarray(rng.standard_normal(n), jnp.float32))
   y = np.asarray(_fake_forward(jnp.asarray(x), w, fmt, shift))
-  # float64 evaluation of y = Qa(x̂ + δ) Qw(R) + (x̂ A) B + b - δ 1ᵀ Qw(R)
+  # float64 evaluation of y = Qa((x + δ)/λ) Qw(R) + ((x/λ) A) B + b - Σ_k (δ/λ_k) Qw(R)[k, :]
   delta = shift if fmt.act == "int4" else 0.0
   x_hat = x.astype(np.float64) / lam
-  qa = np.asarray(qz.fake_quant_act(jnp.asarray((x_hat + delta).astype(np.float32)), fmt, unsigned=delta > 0),
-                  np.float64)
+  x_tilde = ((x + np.float32(delta)) / lam).astype(np.float32)  # float32 sum and IEEE quotient, as fake_forward
+  qa = np.asarray(qz.fake_quant_act(jnp.asarray(x_tilde), fmt, unsigned=delta > 0), np.float64)
   qw = np.asarray(qz.fake_quant_weight(w.residual, fmt), np.float64)
+  compensation = (delta / lam.astype(np.float64)) @ qw
   ref = (qa @ qw + (x_hat @ np.asarray(w.lora_a, np.float64)) @ np.asarray(w.lora_b, np.float64)
-         + np.asarray(w.bias, np.float64) - delta * qw.sum(axis=0))
+         + np.asarray(w.bias, np.float64) - compensation)
   assert relative_error(y, ref) < 1e-6
   if delta:  # the shifted activations really use the unsigned [0, 15] quantizer
-    codes, _ = qz.quantize_int4_act(jnp.asarray((x_hat + delta).astype(np.float32)), 64, unsigned=True)
+    codes, _ = qz.quantize_int4_act(jnp.asarray(x_tilde), 64, unsigned=True)
     assert int(codes.min()) == 0 and int(codes.max()) == 15
   # deployed form: the branch reads the raw x through diag(1/λ) A, and b_eff carries the shift
   lora_down = np.asarray(sq.to_lora_down(w), np.float64)
   np.testing.assert_allclose(x @ lora_down, x_hat @ np.asarray(w.lora_a, np.float64), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(sq.effective_bias(w, fmt, shift)),
-                             np.asarray(w.bias, np.float64) - delta * qw.sum(axis=0), rtol=1e-5, atol=1e-5)
+                             np.asarray(w.bias, np.float64) - compensation, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_formula_without_quantization_is_the_float_layer(monkeypatch):
+  """With identity quantizers the canonical forward is exactly ``x W + b``: the shift δ enters the
+  quantized path only as ``(x + δ)/λ``, the bias removes ``Σ_k (δ/λ_k) R[k, :]``, and the branch
+  reads the unshifted ``x/λ``."""
+  from svdquant_jax.quant import weights as wmod
+  monkeypatch.setattr(wmod, "fake_quant_act", lambda x, fmt, unsigned=False: x)
+  monkeypatch.setattr(wmod, "quantized_residual", lambda w, fmt: w.residual.astype(jnp.float32))
+  rng = np.random.default_rng(31)
+  k, n, r = 128, 48, 8
+  x = np.asarray(jax.nn.gelu(jnp.asarray(rng.standard_normal((64, k)) * 2, jnp.float32), approximate=True))
+  kernel = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+  bias = rng.standard_normal(n).astype(np.float32)
+  lam = np.exp(rng.uniform(-2, 2, k)).astype(np.float32)
+  w_hat = lam.astype(np.float64)[:, None] * kernel
+  u, sv, vt = np.linalg.svd(w_hat, full_matrices=False)
+  a, b = u[:, :r] * sv[:r], vt[:r]
+  w = sq.SVDQuantWeights(*(jnp.asarray(v, jnp.float32) for v in (lam, w_hat - a @ b, a, b, bias)))
+  ref = x.astype(np.float64) @ kernel.astype(np.float64) + bias
+  y = np.asarray(wmod.fake_forward(jnp.asarray(x), w, qz.INT4, qz.GELU_SHIFT), np.float64)
+  err = np.abs(y - ref).max() / np.abs(ref).max()
+  assert err <= 1e-6, err
+  # the shift was applied and compensated (not ignored): without the compensation y is far off
+  uncompensated = y + np.asarray(wmod.shift_compensation(w.smooth, w.residual, qz.GELU_SHIFT), np.float64)
+  assert np.abs(uncompensated - ref).max() / np.abs(ref).max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- smoothing
@@ -296,6 +323,23 @@ def test_gptq_matches_float64_numpy(fmt):
   err_gptq = relative_error(x_hat @ np.asarray(qz.dequantize_weight(res.qweight, fmt), np.float64), y)
   err_rtn = relative_error(x_hat @ np.asarray(qz.dequantize_weight(rtn, fmt), np.float64), y)
   assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_shifted_input_statistics():
+  """For a shifted (fc2) input the smoothing span and the GPTQ Hessian are those of ``x + δ``, the
+  tensor λ divides (zero padding rows of the Hessian chunks added after the shift: no effect)."""
+  rng = np.random.default_rng(41)
+  x = jax.nn.gelu(jnp.asarray(rng.standard_normal((100, 128)) * 2, jnp.float32), approximate=True)
+  lam = np.exp(rng.uniform(-1, 1, 128)).astype(np.float32)
+  xs = np.asarray(x) + np.float32(qz.GELU_SHIFT)
+  np.testing.assert_array_equal(np.asarray(smooth.activation_absmax(x, [qz.GELU_SHIFT])), np.abs(xs).max(axis=0))
+  np.testing.assert_array_equal(np.asarray(smooth.activation_absmax(x, [0.0, qz.GELU_SHIFT, qz.GELU_SHIFT])),
+                                np.maximum(np.abs(xs), np.abs(np.asarray(x))).max(axis=0))
+  np.testing.assert_array_equal(np.asarray(smooth.activation_absmax(x)), np.abs(np.asarray(x)).max(axis=0))
+  hess = gptq.hessian_from_inputs(x, jnp.asarray(lam), block_rows=48, shift=qz.GELU_SHIFT)
+  x_tilde = xs.astype(np.float64) / lam
+  ref = 2 / 100 * x_tilde.T @ x_tilde
+  np.testing.assert_allclose(np.asarray(hess), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
 def test_gptq_damping_retries():

@@ -19,8 +19,9 @@ quantization group is exactly one 32-byte slice. Worked example in ``docs/kernel
 
 The format
 ----------
-``QuantizedLinear`` holds one linear layer ``y = Qa(x/λ + δ)·Qw(R) + (x·lora_down)·lora_up +
-b_eff`` (``docs/design.md``):
+``QuantizedLinear`` holds one linear layer ``y = Qa((x + δ)/λ)·Qw(R) + (x·lora_down)·lora_up +
+b_eff`` (``docs/design.md``), with ``Qw(R)`` including the NVFP4 per-tensor and per-channel
+scales:
 
 =============  ===============================  ============================================
 field          shape / dtype                    meaning
@@ -30,10 +31,12 @@ field          shape / dtype                    meaning
 ``wscales``    ``[K/G, N]``                      int4: model dtype; nvfp4: ``float8_e4m3fn``
                                                  micro-scales; int8: ``[1, N]`` model dtype
 ``wtscale``    ``float32 [1]`` or ``None``       nvfp4 per-tensor scale (``None`` otherwise)
+``wcscales``   ``float32 [N]`` or ``None``       nvfp4 only, optional: per-output-channel scale
+                                                 (a fused layer's members' tensor scales)
 ``smooth``     ``[K]`` model dtype               λ, the input divisor
 ``lora_down``  ``[K, r]`` model dtype            ``diag(1/λ)·A`` (reads the raw x)
 ``lora_up``    ``[r, N]`` model dtype            ``B``
-``bias``       ``[N]`` model dtype or ``None``   ``b_eff = b - δ·1ᵀQw(R)``
+``bias``       ``[N]`` model dtype or ``None``   ``b_eff = b - Σ_k (δ/λ_k)·Qw(R)[k, :]``
 =============  ===============================  ============================================
 
 Static (pytree metadata) fields: ``fmt`` (``"int4"``, ``"nvfp4"``, ``"int8"``),
@@ -75,7 +78,7 @@ def _concrete_values(x: Any) -> np.ndarray | None:
 
 
 def pack_int4(codes: Array, *, signed: bool = True) -> Array:
-  """Packs 4-bit codes along the last axis in the split-half nibble order.
+  """Packs 4-bit codes along the last axis in the split-half nibble order (numpy arrays stay numpy).
 
   Args:
     codes: integer codes ``[..., K]`` with ``K % 64 == 0``; signed codes in [-8, 7]
@@ -113,7 +116,8 @@ def unpack_int4(packed: Array, *, signed: bool = True) -> Array:
   if (2 * kb) % PACK_BLOCK:
     raise QuantizedLinearError(f"unpack_int4: {kb} bytes per row is not a multiple of {HALF_BLOCK}")
   p = packed.astype(jnp.int32).reshape(*packed.shape[:-1], kb // HALF_BLOCK, 1, HALF_BLOCK)
-  nib = jnp.concatenate([p & 0xF, (p >> 4) & 0xF], axis=-2)
+  xp = np if isinstance(packed, np.ndarray) else jnp  # numpy in, numpy out (host-side checkpoint conversion)
+  nib = xp.concatenate([p & 0xF, (p >> 4) & 0xF], axis=-2)
   if signed:
     nib = (nib ^ 8) - 8
   out = nib.reshape(*packed.shape[:-1], 2 * kb)
@@ -158,6 +162,7 @@ class QuantizedLinear:
   lora_up: Array
   bias: Array | None = None
   wtscale: Array | None = None
+  wcscales: Array | None = None
   fmt: str = "int4"
   group_size: int = 64
   shift: float = 0.0
@@ -227,7 +232,13 @@ class QuantizedLinear:
       if self.wtscale is None or tuple(self.wtscale.shape) != (1,):
         raise QuantizedLinearError("QuantizedLinear.wtscale: nvfp4 needs the per-tensor scale as float32 [1], got "
                                    f"{None if self.wtscale is None else tuple(self.wtscale.shape)}")
+      if self.wcscales is not None and (tuple(self.wcscales.shape) != (n,) or self.wcscales.dtype != jnp.float32):
+        raise QuantizedLinearError(f"QuantizedLinear.wcscales: expected float32 {(n,)} (per output channel), got "
+                                   f"{self.wcscales.dtype} {tuple(self.wcscales.shape)}")
     else:
+      if self.wcscales is not None:
+        raise QuantizedLinearError(f"QuantizedLinear.wcscales (per-channel scales) exist for nvfp4 only, not "
+                                   f"fmt={fmt!r}")
       if not jnp.issubdtype(self.wscales.dtype, jnp.floating) or self.wscales.dtype == jnp.float8_e4m3fn:
         raise QuantizedLinearError(f"QuantizedLinear.wscales: {fmt} scales must be 16/32-bit floats, got "
                                    f"{self.wscales.dtype}")
@@ -258,7 +269,7 @@ class QuantizedLinear:
     return unpack(self.qweight, layout="KN", signed=self.fmt == "int4")
 
   def dequantized_weight(self) -> Array:
-    """``Qw(R)`` as ``float32 [K, N]``."""
+    """``Qw(R)`` as ``float32 [K, N]`` (nvfp4: times ``wtscale`` and ``wcscales``)."""
     return _dequantized_weight(self)
 
   def replace(self, **changes: Any) -> QuantizedLinear:
@@ -267,7 +278,7 @@ class QuantizedLinear:
 
 jax.tree_util.register_dataclass(
     QuantizedLinear,
-    data_fields=["qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "wtscale"],
+    data_fields=["qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "wtscale", "wcscales"],
     meta_fields=["fmt", "group_size", "shift"])
 
 
@@ -277,8 +288,26 @@ def _dequantized_weight(p: QuantizedLinear) -> Array:
   if p.fmt == "int4":
     return q.dequantize_int4_weight(codes, p.wscales, jnp.float32)
   if p.fmt == "nvfp4":
-    return q.dequantize_nvfp4_weight(q.NVFP4Weight(codes, p.wscales, p.wtscale.reshape(())), jnp.float32)
+    w = q.dequantize_nvfp4_weight(q.NVFP4Weight(codes, p.wscales, p.wtscale.reshape(())), jnp.float32)
+    return w if p.wcscales is None else w * p.wcscales.astype(jnp.float32)[None, :]
   return codes.astype(jnp.float32) * p.wscales.astype(jnp.float32)
+
+
+def _dequantized_weight_f64(p: QuantizedLinear) -> np.ndarray:
+  """``Qw(R)`` ``[K, N]`` in float64 on the host (exact: codes times the stored scales)."""
+  codes = np.asarray(p.weight_codes())
+  if p.fmt == "nvfp4":
+    values = np.asarray(q.e2m1_decode(jnp.asarray(codes)), np.float64)
+    scales = np.asarray(p.wscales.astype(jnp.float32), np.float64) * float(np.asarray(p.wtscale)[0])
+  else:
+    values = codes.astype(np.float64)
+    scales = np.asarray(p.wscales.astype(jnp.float32), np.float64)
+  k, n = values.shape
+  g = k // scales.shape[0]
+  w = (values.reshape(k // g, g, n) * scales[:, None, :]).reshape(k, n)
+  if p.wcscales is not None:
+    w = w * np.asarray(p.wcscales, np.float64)[None, :]
+  return w
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "dtype"))
@@ -288,7 +317,8 @@ def _quantize_residual(residual: Array, *, fmt: str, group_size: int, dtype: Any
     codes, scales = q.quantize_int4_weight(residual, group_size, scale_dtype=dtype)
     return codes, scales, None
   if fmt == "nvfp4":
-    w = q.quantize_nvfp4_weight(residual, group_size)
+    sixteen = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    w = q.quantize_nvfp4_weight(residual, group_size, dtype if sixteen else jnp.bfloat16)
     return w.codes, w.scales, w.tensor_scale
   codes, scales = q.quantize_int8_weight(residual, scale_dtype=dtype)
   return codes, scales, None
@@ -299,10 +329,31 @@ def _float(x: Any) -> Array:
   return jnp.asarray(x).astype(jnp.float32)
 
 
+def _host_f64(*xs: Any) -> list[np.ndarray] | None:
+  """The arrays as float64 numpy when all are concrete (``None`` entries stay ``None``); ``None``
+  under tracing."""
+  out = []
+  for x in xs:
+    if x is None:
+      out.append(None)
+      continue
+    v = _concrete_values(jnp.asarray(x).astype(jnp.float32))
+    if v is None:
+      return None
+    out.append(v.astype(np.float64))
+  return out
+
+
+def round_f64(v: np.ndarray, dtype: Any) -> Array:
+  """A float64 host value rounded to ``dtype`` as torch does (``float64 -> float32 -> dtype``), so
+  that deployment constants match deepcompressor's float64 arithmetic bit for bit."""
+  return jnp.asarray(np.asarray(v, np.float64).astype(np.float32)).astype(dtype)
+
+
 def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Array | None = None, *,
                     residual: Array | None = None, codes: Array | None = None, scales: Array | None = None,
-                    tensor_scale: Array | None = None, fmt: str = "int4", shift: float = 0.0,
-                    group_size: int | None = None, dtype: Any = None) -> QuantizedLinear:
+                    tensor_scale: Array | None = None, channel_scales: Array | None = None, fmt: str = "int4",
+                    shift: float = 0.0, group_size: int | None = None, dtype: Any = None) -> QuantizedLinear:
   """Builds a :class:`QuantizedLinear` from float pieces and a residual (float or already quantized).
 
   To deploy a layer calibrated by ``svdquant_jax.quant`` (an ``SVDQuantWeights``), use
@@ -311,26 +362,33 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
   float residual again with round-to-nearest, which silently replaces GPTQ's codes (and uses
   scales in ``dtype``, not ``QuantFormat.scale_dtype``): what runs is then not what was calibrated.
 
+  The deployment constants are computed on the host in float64 when the inputs are concrete
+  (else in float32 under tracing) and rounded once (:func:`round_f64`):
+  ``lora_down = dtype(A / λ)`` with the full-precision λ, and for a shift δ
+  ``bias = dtype(b - Σ_k (δ / λ'_k) Qw(R)[k, :])`` with ``λ' = dtype(λ)``, the stored divisor the
+  op uses, so that the shift cancels exactly in the deployed layer.
+
   Args:
-    smooth: λ ``[K]``.
+    smooth: λ ``[K]`` (full precision; stored as ``dtype(λ)``).
     lora_down_s: ``A [K, r]``, the low-rank down factor in the *smoothed* space (``L = A B``
       approximates ``diag(λ) W``); ``1/λ`` is folded in here.
     lora_up: ``B [r, N]``.
     bias: the layer's bias ``b [N]`` or ``None``.
     residual: the float residual ``R = diag(λ) W - A B`` ``[K, N]``, quantized here by RTN with
-      :mod:`svdquant_jax.formats.quantizers` (scales in ``dtype``). Mutually exclusive with
-      ``codes``/``scales``.
+      :mod:`svdquant_jax.formats.quantizers` (scales in ``dtype``; the nvfp4 tensor scale in
+      ``dtype`` when 16-bit, else bfloat16). Mutually exclusive with ``codes``/``scales``.
     codes, scales, tensor_scale: an already quantized residual in the quantizers' form:
       int4 ``int8 [K, N]`` + ``[K/G, N]``; nvfp4 ``uint8 [K, N]`` + ``float8 [K/16, N]`` +
       tensor scale (scalar or [1]); int8 ``int8 [K, N]`` + ``[N]`` or ``[1, N]``.
+    channel_scales: nvfp4 only: optional per-output-channel scales ``[N]`` (``wcscales``).
     fmt: ``"int4"``, ``"nvfp4"`` or ``"int8"``.
     shift: δ; ``quantizers.GELU_SHIFT`` for the unsigned fc2 input (int4 only), else 0.
     group_size: int4 weight group (default 64); fixed 16 for nvfp4 and K for int8.
     dtype: model dtype of smooth / lora / bias / int scales (default ``lora_up.dtype``).
 
   Returns:
-    A validated :class:`QuantizedLinear`; its bias is ``b - δ·1ᵀQw(R)`` (``None`` when there
-    is neither a bias nor a shift).
+    A validated :class:`QuantizedLinear`; its bias is ``b - Σ_k (δ/λ'_k)·Qw(R)[k, :]`` (``None``
+    when there is neither a bias nor a shift).
   """
   if fmt not in FORMATS:
     raise QuantizedLinearError(f"from_components: unknown format {fmt!r}; expected one of {FORMATS}")
@@ -344,6 +402,8 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
     g = group_size
   if group_size is not None and group_size != g:
     raise QuantizedLinearError(f"from_components: group_size={group_size} is not valid for fmt={fmt!r} (uses {g})")
+  if channel_scales is not None and fmt != "nvfp4":
+    raise QuantizedLinearError(f"from_components: channel_scales exist for nvfp4 only, not fmt={fmt!r}")
   wtscale = None
   if residual is not None:
     if residual.ndim != 2 or residual.shape[0] != k:
@@ -354,6 +414,7 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
   codes = jnp.asarray(codes)
   if codes.ndim != 2 or codes.shape[0] != k:
     raise QuantizedLinearError(f"from_components: codes must be [K={k}, N], got {tuple(codes.shape)}")
+  wcscales = None
   if fmt == "int4":
     qweight = pack(codes, layout="KN", signed=True)
     wscales = jnp.asarray(scales)
@@ -363,6 +424,8 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
     qweight = pack(codes, layout="KN", signed=False)
     wscales = jnp.asarray(scales)
     wtscale = jnp.asarray(tensor_scale, jnp.float32).reshape(1)
+    if channel_scales is not None:
+      wcscales = jnp.asarray(channel_scales, jnp.float32).reshape(-1)
   else:
     if codes.dtype != jnp.int8:
       raise QuantizedLinearError(f"from_components: int8 codes must be int8, got {codes.dtype}")
@@ -371,18 +434,31 @@ def from_components(smooth: Array, lora_down_s: Array, lora_up: Array, bias: Arr
   if fmt != "nvfp4":
     wscales = wscales.astype(dtype)
 
-  lora_down = (_float(lora_down_s) / _float(smooth)[:, None]).astype(dtype)
-  partial = QuantizedLinear(qweight=qweight, wscales=wscales, smooth=smooth.astype(dtype), lora_down=lora_down,
-                            lora_up=jnp.asarray(lora_up).astype(dtype), bias=None, wtscale=wtscale, fmt=fmt,
-                            group_size=g, shift=float(shift))
+  smooth_d = smooth.astype(dtype)
+  host = _host_f64(smooth, lora_down_s, smooth_d, bias)
+  if host is not None:  # deployment is host-side: float64, one rounding
+    lam, a, lam_d, b = host
+    lora_down = round_f64(a / lam[:, None], dtype)
+  else:
+    lora_down = (_float(lora_down_s) / _float(smooth)[:, None]).astype(dtype)
+  partial = QuantizedLinear(qweight=qweight, wscales=wscales, smooth=smooth_d, lora_down=lora_down,
+                            lora_up=jnp.asarray(lora_up).astype(dtype), bias=None, wtscale=wtscale, wcscales=wcscales,
+                            fmt=fmt, group_size=g, shift=float(shift))
   partial.validate()
-  b_eff = None
-  if shift:
-    b_eff = -float(shift) * jnp.sum(partial.dequantized_weight(), axis=0)
-  if bias is not None:
-    b = _float(bias)
-    b_eff = b if b_eff is None else b + b_eff
-  out = partial.replace(bias=None if b_eff is None else b_eff.astype(dtype))
+  if not shift and bias is None:
+    return partial
+  if host is not None:
+    b_eff = np.zeros((partial.out_features,), np.float64) if b is None else b
+    if shift:
+      b_eff = b_eff - (float(shift) / lam_d) @ _dequantized_weight_f64(partial)
+    b_eff = round_f64(b_eff, dtype)
+  else:
+    b_eff = jnp.zeros((partial.out_features,), jnp.float32) if bias is None else _float(bias)
+    if shift:
+      b_eff = b_eff - jnp.dot(q.true_divide(jnp.full((k,), shift, jnp.float32), _float(smooth_d)),
+                              partial.dequantized_weight(), precision=jax.lax.Precision.HIGHEST)
+    b_eff = b_eff.astype(dtype)
+  out = partial.replace(bias=b_eff)
   out.validate()
   return out
 

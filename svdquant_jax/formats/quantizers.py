@@ -11,9 +11,14 @@ Conventions (used throughout the project):
   * Codes: INT4 ``int8`` in [-7, 7]; unsigned INT4 ``int8`` in [0, 15]; INT8 ``int8`` in
     [-127, 127]; NVFP4 and NF4 ``uint8`` 4-bit codes in [0, 15] (NVFP4: the E2M1 bit
     pattern ``sign<<3 | magnitude``; NF4: index into :data:`NF4_VALUES`).
-  * Scales are computed in float32, rounded to their storage dtype, and the codes are
+  * Weight scales are computed in float32, rounded to their storage dtype, and the codes are
     computed with the *rounded* scale, so ``codes * scale`` reproduces the fake form exactly.
-  * Rounding is round-half-to-even (``jnp.round``), as ``torch.round`` in deepcompressor.
+  * Activation quantizers compute what the Nunchaku engine computes (``docs/quantization.md``,
+    "Activation quantizers"): scale ``s = absmax · fl(1/qmax)`` in float32, codes
+    ``rint(x · fl(1/s))`` with the reciprocal of the *unrounded* scale, dequantization with ``s``
+    rounded to its storage dtype (INT4: the model dtype; NVFP4: fp8 e4m3).
+  * Rounding is round-half-to-even (``jnp.round``), as ``torch.round`` in deepcompressor and
+    ``cvt.rni`` in the engine.
   * A zero scale (all-zero group, or an NVFP4 micro-scale that underflows fp8) gives code 0.
   * :class:`QuantFormat` names a W/A format; ``fake_quant_weight`` / ``fake_quant_act`` dispatch on
     it, and :class:`QuantizedWeight` with ``quantize_weight`` / ``quantize_weight_with_scales`` /
@@ -154,15 +159,33 @@ def fake_int4_weight(w: Array, group_size: int = 64, scale_dtype: Any = None) ->
 
 
 # ----------------------------------------------------------------------------- INT4 activations
+def _inverse_qmax(qmax: float) -> Array:
+  """``fl(1/qmax)``: the float32 constant the engine multiplies the absmax by."""
+  return jnp.asarray(np.float32(1) / np.float32(qmax))
+
+
+def reciprocal(s: Array) -> Array:
+  """Correctly rounded float32 ``1/s`` of a non-negative scale; 0 where ``s`` is 0 (or so small
+  that ``1/s`` overflows), so that an all-zero group gets codes 0."""
+  s = jnp.asarray(s, jnp.float32)
+  ok = s > 0
+  r = true_divide(jnp.ones_like(s), jnp.where(ok, s, 1.0))
+  return jnp.where(ok & jnp.isfinite(r), r, 0.0)
+
+
 def quantize_int4_act(x: Array, group_size: int = 64, unsigned: bool = False,
                       scale_dtype: Any = None) -> tuple[Array, Array]:
-  """Dynamic per-token, per-group INT4 activation quantization.
+  """Dynamic per-token, per-group INT4 activation quantization (the engine's quantizer).
+
+  Per group: ``s = absmax · fl(1/qmax)`` in float32 (qmax 7, or 15 unsigned), codes
+  ``clip(rint(x · fl(1/s)))`` (reciprocal of the unrounded ``s``; saturated to [-8, 7] or
+  [0, 15]), returned scale ``s`` rounded to ``scale_dtype``.
 
   Args:
     x: activations ``[..., K]``. For ``unsigned=True`` the caller has already added
-      :data:`GELU_SHIFT` (the values must be >= 0; negatives clip to 0).
+      :data:`GELU_SHIFT` and divided by λ (the values must be >= 0; negatives clip to 0).
     group_size: channels per scale (64).
-    unsigned: quantize to [0, 15] with ``scale = absmax / 15`` instead of [-7, 7].
+    unsigned: quantize to [0, 15] with ``absmax / 15`` instead of [-7, 7].
     scale_dtype: storage dtype of the scales (default ``x.dtype``).
 
   Returns:
@@ -171,10 +194,10 @@ def quantize_int4_act(x: Array, group_size: int = 64, unsigned: bool = False,
   scale_dtype = x.dtype if scale_dtype is None else scale_dtype
   g = _group_act(x, group_size)
   qmax = UINT4_MAX if unsigned else INT4_MAX
-  scale = true_divide(jnp.max(jnp.abs(g), axis=-1), qmax).astype(scale_dtype)
-  q = jnp.round(_divide(g, scale.astype(jnp.float32)[..., None]))
-  q = jnp.clip(q, 0 if unsigned else -INT4_MAX, qmax)
-  return q.astype(jnp.int8).reshape(x.shape), scale
+  s = jnp.max(jnp.abs(g), axis=-1) * _inverse_qmax(qmax)
+  q = jnp.round(g * reciprocal(s)[..., None])
+  q = jnp.clip(q, 0 if unsigned else -INT4_MAX - 1, qmax)
+  return q.astype(jnp.int8).reshape(x.shape), s.astype(scale_dtype)
 
 
 def dequantize_act(codes: Array, scales: Array, dtype: Any = jnp.float32) -> Array:
@@ -229,7 +252,9 @@ jax.tree_util.register_dataclass(NVFP4Weight, data_fields=["codes", "scales", "t
 
 def quantize_nvfp4_weight(w: Array, group_size: int = 16, tensor_scale_dtype: Any = jnp.bfloat16) -> NVFP4Weight:
   """NVFP4 weights: ``s_g = absmax_16 / 6``, ``s_t = max(s_g) / 448`` (rounded to
-  ``tensor_scale_dtype``), ``s_16 = fp8_e4m3(s_g / s_t)``, codes = E2M1(w / (s_t * s_16)).
+  ``tensor_scale_dtype``, the model dtype, *before* the micro-scales are formed, so that the
+  deployed per-tensor scale is exactly representable there), ``s_16 = fp8_e4m3(s_g / s_t)``,
+  codes = E2M1(w / (s_t * s_16)).
   """
   g = _group_weight(w, group_size)
   s_g = true_divide(jnp.max(jnp.abs(g), axis=1), FP4_MAX)
@@ -249,21 +274,23 @@ def dequantize_nvfp4_weight(q: NVFP4Weight, dtype: Any = jnp.float32) -> Array:
   return w.reshape(k, n).astype(dtype)
 
 
-def fake_nvfp4_weight(w: Array, group_size: int = 16) -> Array:
-  return dequantize_nvfp4_weight(quantize_nvfp4_weight(w, group_size), w.dtype)
+def fake_nvfp4_weight(w: Array, group_size: int = 16, tensor_scale_dtype: Any = jnp.bfloat16) -> Array:
+  return dequantize_nvfp4_weight(quantize_nvfp4_weight(w, group_size, tensor_scale_dtype), w.dtype)
 
 
 def quantize_nvfp4_act(x: Array, group_size: int = 16) -> tuple[Array, Array]:
-  """Dynamic NVFP4 activations: per token per 16 channels, ``scale = fp8(absmax / 6)``
-  (clamped to 448), no per-tensor scale.
+  """Dynamic NVFP4 activations (the engine's quantizer), per token per 16 channels:
+  ``s = min(absmax · fl(1/6), 448)`` in float32, codes = E2M1 (round to nearest even,
+  saturating at ±6) of ``x · fl(1/s)`` with the unrounded ``s``, scale stored as ``fp8_e4m3(s)``
+  (round to nearest even). No per-tensor scale.
 
   Returns:
     ``(codes uint8 [..., K], scales float8_e4m3fn [..., K // 16])``.
   """
   g = _group_act(x, group_size)
-  scale = _fp8_scale(true_divide(jnp.max(jnp.abs(g), axis=-1), FP4_MAX))
-  codes = _e2m1_encode(jnp.clip(_divide(g, scale.astype(jnp.float32)[..., None]), -FP4_MAX, FP4_MAX))
-  return codes.reshape(x.shape), scale
+  s = jnp.minimum(jnp.max(jnp.abs(g), axis=-1) * _inverse_qmax(FP4_MAX), FP8_E4M3_MAX)
+  codes = _e2m1_encode(jnp.clip(g * reciprocal(s)[..., None], -FP4_MAX, FP4_MAX))
+  return codes.reshape(x.shape), _fp8_scale(s)
 
 
 def dequantize_nvfp4_act(codes: Array, scales: Array, dtype: Any = jnp.float32) -> Array:
@@ -333,6 +360,45 @@ def fake_nf4_weight(w: Array, group_size: int = 64, scale_dtype: Any = None) -> 
   return dequantize_nf4_weight(codes, scales, w.dtype)
 
 
+# ----------------------------------------------------------------------------- INT4 weight-only (AWQ form)
+def awq_zeros(scales: Array) -> Array:
+  """Zero points of symmetric INT4 in the engine's unsigned form: ``z = -dtype(7 · s)`` (the
+  product in float32, then one rounding to the scales' dtype; not always exactly ``-7 s``)."""
+  return (-(jnp.float32(INT4_MAX) * scales.astype(jnp.float32))).astype(scales.dtype)
+
+
+def quantize_awq_weight(w: Array, group_size: int = 64, scale_dtype: Any = None) -> tuple[Array, Array, Array]:
+  """Weight-only INT4 as the engine's W4A16 (AWQ) layers hold it: symmetric RTN codes
+  ``q in [-7, 7]`` with ``s = absmax / 7`` (:func:`quantize_int4_weight`), stored unsigned
+  ``u = q + 7`` with zero points :func:`awq_zeros`.
+
+  Returns:
+    ``(u uint8 [K, N] in [0, 14], scales [K // G, N], zeros [K // G, N])`` (scales and zeros in
+    ``scale_dtype``, default ``w.dtype``).
+  """
+  codes, scales = quantize_int4_weight(w, group_size, scale_dtype)
+  return (codes + INT4_MAX).astype(jnp.uint8), scales, awq_zeros(scales)
+
+
+def dequantize_awq_weight(u: Array, scales: Array, zeros: Array, dtype: Any = jnp.float32) -> Array:
+  """``w = u · s + z`` per group, in float32, then one rounding to ``dtype``: ``[K, N]``.
+
+  With 16-bit scales ``u · s`` is exact in float32, so this is the engine's single-rounding
+  fused multiply-add into the activation dtype whenever ``u · s + z`` is exact in float32 (always
+  for the zeros :func:`awq_zeros` makes).
+  """
+  k, n = u.shape
+  g = k // scales.shape[0]
+  v = u.astype(jnp.float32).reshape(k // g, g, n)
+  w = v * scales.astype(jnp.float32)[:, None, :] + zeros.astype(jnp.float32)[:, None, :]
+  return w.reshape(k, n).astype(dtype)
+
+
+def fake_awq_weight(w: Array, group_size: int = 64, scale_dtype: Any = None) -> Array:
+  """``dequantize(quantize(w))`` of weight-only INT4 in the AWQ form, in ``w.dtype``."""
+  return dequantize_awq_weight(*quantize_awq_weight(w, group_size, scale_dtype), w.dtype)
+
+
 # ----------------------------------------------------------------------------- dispatch
 WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
 ACT_FORMATS = ("int4", "nvfp4", "int8", None)
@@ -391,12 +457,25 @@ def _resolve_scale_dtype(fmt: QuantFormat, default: Any) -> Any:
   return default if fmt.scale_dtype is None else jnp.dtype(fmt.scale_dtype)
 
 
+def tensor_scale_dtype(fmt: QuantFormat) -> Any:
+  """Dtype the NVFP4 per-tensor weight scale is rounded to: ``fmt.scale_dtype`` (the model dtype)
+  when set, else bfloat16."""
+  return _resolve_scale_dtype(fmt, jnp.bfloat16)
+
+
+def is_awq(fmt: QuantFormat) -> bool:
+  """Weight-only INT4: stored and dequantized in the AWQ form ``u · s + z`` (``u = q + 7``)."""
+  return fmt.weight == "int4" and fmt.act is None
+
+
 def fake_quant_weight(w: Array, fmt: QuantFormat) -> Array:
   """Fake-quantizes a kernel ``[K, N]`` in format ``fmt`` (dtype preserved)."""
+  if is_awq(fmt):
+    return fake_awq_weight(w, fmt.group_size, _resolve_scale_dtype(fmt, None))
   if fmt.weight == "int4":
     return fake_int4_weight(w, fmt.group_size, _resolve_scale_dtype(fmt, None))
   if fmt.weight == "nvfp4":
-    return fake_nvfp4_weight(w, fmt.group_size)
+    return fake_nvfp4_weight(w, fmt.group_size, tensor_scale_dtype(fmt))
   if fmt.weight == "int8":
     return fake_int8_weight(w, _resolve_scale_dtype(fmt, jnp.float32))
   return fake_nf4_weight(w, fmt.group_size, _resolve_scale_dtype(fmt, None))
@@ -463,7 +542,7 @@ def weight_scales(w: Array, fmt: QuantFormat) -> tuple[Array, Array]:
   if fmt.weight == "int8":
     return true_divide(absmax, INT8_MAX).astype(_resolve_scale_dtype(fmt, jnp.float32)), one
   s_g = true_divide(absmax, FP4_MAX)
-  s_t = true_divide(jnp.max(s_g), FP8_E4M3_MAX).astype(jnp.bfloat16).astype(jnp.float32)
+  s_t = true_divide(jnp.max(s_g), FP8_E4M3_MAX).astype(tensor_scale_dtype(fmt)).astype(jnp.float32)
   return _fp8_scale(_divide(s_g, s_t)), s_t
 
 
@@ -510,7 +589,11 @@ def quantize_weight(w: Array, fmt: QuantFormat) -> QuantizedWeight:
 
 
 def dequantize_weight(q: QuantizedWeight, fmt: QuantFormat, dtype: Any = jnp.float32) -> Array:
-  """``decode(codes) * effective scale`` as ``[K, N]`` in ``dtype``."""
+  """``decode(codes) * effective scale`` as ``[K, N]`` in ``dtype`` (weight-only INT4: the AWQ form
+  ``(q + 7) · s + awq_zeros(s)``)."""
+  if is_awq(fmt):
+    u = (q.codes.astype(jnp.int32) + INT4_MAX).astype(jnp.uint8)
+    return dequantize_awq_weight(u, q.scales, awq_zeros(q.scales), dtype)
   k, n = q.codes.shape
   group = k // q.scales.shape[0]
   v = decode_codes(q.codes, fmt).reshape(k // group, group, n)

@@ -10,12 +10,19 @@ name           shape / dtype                            meaning (``pallas/packin
 ``qweight``    ``uint8 [N, K/2]`` (int8: ``int8 [N, K]``)  packed residual codes, K-major
 ``wscales``    ``[K/G, N]`` ``param_dtype``              group scales (nvfp4: float8_e4m3fn)
 ``wtscale``    ``float32 [1]``                          nvfp4 only: per-tensor scale
+``wcscales``   ``float32 [N]``                          nvfp4 with ``channel_scales`` only:
+                                                        per-output-channel scales
 ``smooth``     ``[K]``                                  λ
 ``lora_down``  ``[K, r]``                               ``diag(1/λ)·A``
 ``lora_up``    ``[r, N]``                               ``B``
 ``bias``       ``[N]``                                  ``b_eff``; present when ``use_bias`` or
                                                         a shift δ > 0 (its compensation)
 =============  =======================================  =====================================
+
+The layer computes ``Qa((x + δ)/λ)·Qw(R)·wtscale·wcscales + (x·lora_down)·lora_up + bias``
+(``docs/design.md``). Whether ``wcscales`` exists is the static attribute ``channel_scales``
+(``QuantSpec.channel_scales`` when swapped in), so that the parameter shapes are known before
+the values.
 
 A freshly initialized layer holds zero codes, unit scales and smoothing, zero low-rank
 factors and bias (it computes zeros); real values come from :meth:`SVDQuantDense.from_float`,
@@ -38,14 +45,20 @@ from svdquant_jax.utils import trees
 from svdquant_jax.utils.safetensors_io import CheckpointError
 
 Array = jax.Array
-PARAM_NAMES = ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
+PARAM_NAMES = ("qweight", "wscales", "wtscale", "wcscales", "smooth", "lora_down", "lora_up", "bias")
 
 
 def param_shapes(in_features: int, features: int, *, rank: int, fmt: str, shift: float, use_bias: bool,
-                 param_dtype: Any) -> dict[str, jax.ShapeDtypeStruct]:
-  """The layer's parameters (name -> shape/dtype) for a format; validates the combination."""
+                 param_dtype: Any, channel_scales: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The layer's parameters (name -> shape/dtype) for a format; validates the combination.
+
+  ``channel_scales``: the layer has per-output-channel weight scales ``wcscales`` (nvfp4 only).
+  """
   if fmt not in PACKED_FORMATS:
     raise packing.QuantizedLinearError(f"SVDQuantDense: unknown format {fmt!r}; expected one of {PACKED_FORMATS}")
+  if channel_scales and fmt != "nvfp4":
+    raise packing.QuantizedLinearError(f"SVDQuantDense: channel_scales (wcscales) exist for nvfp4 only, not "
+                                       f"fmt={fmt!r}")
   k, n = in_features, features
   if fmt != "int8" and k % packing.PACK_BLOCK:
     raise packing.QuantizedLinearError(f"SVDQuantDense: {k} input features is not a multiple of "
@@ -64,6 +77,8 @@ def param_shapes(in_features: int, features: int, *, rank: int, fmt: str, shift:
     shapes["wscales"] = sd((k // g, n), jnp.float8_e4m3fn if fmt == "nvfp4" else pd)
     if fmt == "nvfp4":
       shapes["wtscale"] = sd((1,), jnp.float32)
+      if channel_scales:
+        shapes["wcscales"] = sd((n,), jnp.float32)
   shapes["smooth"] = sd((k,), pd)
   shapes["lora_down"] = sd((k, rank), pd)
   shapes["lora_up"] = sd((rank, n), pd)
@@ -73,7 +88,7 @@ def param_shapes(in_features: int, features: int, *, rank: int, fmt: str, shift:
 
 
 def _init_value(name: str, shape: tuple[int, ...], dtype: Any) -> Array:
-  if name in ("wscales", "wtscale", "smooth"):
+  if name in ("wscales", "wtscale", "wcscales", "smooth"):
     return jnp.ones(shape, dtype)
   return jnp.zeros(shape, dtype)
 
@@ -84,7 +99,8 @@ def quantized_linear(params: Mapping[str, Array], *, fmt: str, shift: float) -> 
   return QuantizedLinear(
       qweight=params["qweight"], wscales=params["wscales"], smooth=params["smooth"],
       lora_down=params["lora_down"], lora_up=params["lora_up"], bias=params.get("bias"),
-      wtscale=params.get("wtscale"), fmt=fmt, group_size=group, shift=float(shift))
+      wtscale=params.get("wtscale"), wcscales=params.get("wcscales"), fmt=fmt, group_size=group,
+      shift=float(shift))
 
 
 def layer_params(ql: QuantizedLinear) -> dict[str, Array]:
@@ -94,6 +110,8 @@ def layer_params(ql: QuantizedLinear) -> dict[str, Array]:
          "lora_up": ql.lora_up}
   if ql.wtscale is not None:
     out["wtscale"] = ql.wtscale
+  if ql.wcscales is not None:
+    out["wcscales"] = ql.wcscales
   if ql.bias is not None:
     out["bias"] = ql.bias
   return out
@@ -115,6 +133,8 @@ class SVDQuantDense(nn.Module):
     rank: r of the low-rank branch (0: none).
     fmt: ``"int4"``, ``"nvfp4"`` or ``"int8"``.
     shift: δ (``quantizers.GELU_SHIFT`` for unsigned fc2 inputs; int4 only).
+    channel_scales: the layer has per-output-channel weight scales ``wcscales`` (nvfp4 only; a
+      fused layer whose members had different per-tensor scales).
     backend: ``svdquant_linear`` backend (``None``: best available).
     interpret: run Pallas backends in interpret mode (CPU tests).
     wrapped: set by :func:`svdquant_jax.nn.swap_dense`: the ``nn.Dense`` this layer replaces;
@@ -127,6 +147,7 @@ class SVDQuantDense(nn.Module):
   rank: int = 32
   fmt: str = "int4"
   shift: float = 0.0
+  channel_scales: bool = False
   backend: str | None = None
   interpret: bool = False
   wrapped: nn.Module | None = None
@@ -140,7 +161,7 @@ class SVDQuantDense(nn.Module):
   def __call__(self, x: Array) -> Array:
     """``x [..., K] -> y [..., features]`` in the computation dtype."""
     shapes = param_shapes(x.shape[-1], self.features, rank=self.rank, fmt=self.fmt, shift=self.shift,
-                          use_bias=self.use_bias, param_dtype=self.param_dtype)
+                          use_bias=self.use_bias, param_dtype=self.param_dtype, channel_scales=self.channel_scales)
     values = {name: self.param(name, lambda _, s=s, name=name: _init_value(name, s.shape, s.dtype))
               for name, s in shapes.items()}
     ql = quantized_linear(values, fmt=self.fmt, shift=self.shift)
@@ -154,8 +175,8 @@ class SVDQuantDense(nn.Module):
     """``(module, variables)`` for a :class:`QuantizedLinear`; ``module.apply(variables, x)``."""
     ql.validate()
     module = cls(features=ql.out_features, use_bias=ql.bias is not None if use_bias is None else use_bias,
-                 dtype=dtype, param_dtype=ql.dtype, rank=ql.rank, fmt=ql.fmt, shift=ql.shift, backend=backend,
-                 interpret=interpret)
+                 dtype=dtype, param_dtype=ql.dtype, rank=ql.rank, fmt=ql.fmt, shift=ql.shift,
+                 channel_scales=ql.wcscales is not None, backend=backend, interpret=interpret)
     params = layer_params(ql)
     module.check_params(params, ql.in_features)
     return module, {"params": params}
@@ -184,7 +205,7 @@ class SVDQuantDense(nn.Module):
     n, k = params["wscales"].shape[-1], params["smooth"].shape[0]
     module = cls(features=int(n), use_bias=("bias" in params) if use_bias is None else use_bias, dtype=dtype,
                  param_dtype=params["smooth"].dtype, rank=int(params["lora_down"].shape[-1]), fmt=fmt,
-                 shift=shift, backend=backend, interpret=interpret)
+                 shift=shift, channel_scales="wcscales" in params, backend=backend, interpret=interpret)
     params = {name: jnp.asarray(v) for name, v in params.items()}
     module.check_params(params, int(k))
     return module, {"params": params}
@@ -192,7 +213,7 @@ class SVDQuantDense(nn.Module):
   def check_params(self, params: Mapping[str, Any], in_features: int) -> None:
     """Checks a params subtree against this layer's parameters (paths, shapes, dtypes)."""
     want = param_shapes(in_features, self.features, rank=self.rank, fmt=self.fmt, shift=self.shift,
-                        use_bias=self.use_bias, param_dtype=self.param_dtype)
+                        use_bias=self.use_bias, param_dtype=self.param_dtype, channel_scales=self.channel_scales)
     trees.validate_tree(dict(params), want, what="SVDQuantDense params")
 
 
@@ -201,15 +222,15 @@ class SVDQuantDenseNNX(nnx.Module):
 
   Args:
     in_features, out_features: K and N.
-    rank, fmt, shift, use_bias, dtype, param_dtype, backend, interpret: as in
+    rank, fmt, shift, channel_scales, use_bias, dtype, param_dtype, backend, interpret: as in
       :class:`SVDQuantDense`.
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int = 32, fmt: str = "int4",
                shift: float = 0.0, use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
-               backend: str | None = None, interpret: bool = False):
+               backend: str | None = None, interpret: bool = False, channel_scales: bool = False):
     shapes = param_shapes(in_features, out_features, rank=rank, fmt=fmt, shift=shift, use_bias=use_bias,
-                          param_dtype=param_dtype)
+                          param_dtype=param_dtype, channel_scales=channel_scales)
     self.in_features, self.out_features = in_features, out_features
     self.fmt, self.shift, self.dtype, self.param_dtype = fmt, float(shift), dtype, param_dtype
     self.backend, self.interpret = backend, interpret
@@ -223,7 +244,7 @@ class SVDQuantDenseNNX(nnx.Module):
     ql.validate()
     layer = cls(ql.in_features, ql.out_features, rank=ql.rank, fmt=ql.fmt, shift=ql.shift,
                 use_bias=ql.bias is not None, dtype=dtype, param_dtype=ql.dtype, backend=backend,
-                interpret=interpret)
+                interpret=interpret, channel_scales=ql.wcscales is not None)
     for name, value in layer_params(ql).items():
       setattr(layer, name, nnx.Param(value))
     return layer

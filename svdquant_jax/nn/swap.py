@@ -31,17 +31,19 @@ from svdquant_jax.utils.safetensors_io import CheckpointError
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-  """Static quantization settings of one swapped layer (see :class:`SVDQuantDense`)."""
+  """Static quantization settings of one swapped layer (see :class:`SVDQuantDense`;
+  ``channel_scales``: the nvfp4 layer has per-channel weight scales ``wcscales``)."""
   rank: int = 32
   fmt: str = "int4"
   shift: float = 0.0
   backend: str | None = None
   interpret: bool = False
+  channel_scales: bool = False
 
   @classmethod
   def of(cls, ql: QuantizedLinear, **kwargs: Any) -> QuantSpec:
     """The spec matching a packed layer."""
-    return cls(rank=ql.rank, fmt=ql.fmt, shift=ql.shift, **kwargs)
+    return cls(rank=ql.rank, fmt=ql.fmt, shift=ql.shift, channel_scales=ql.wcscales is not None, **kwargs)
 
 
 Spec = Union[QuantSpec, WeightOnlySpec]
@@ -86,8 +88,8 @@ def swap_dense(selector: Selector, *, check_paths: bool = True) -> Iterator[set[
       if isinstance(spec, QuantSpec):
         replacement = SVDQuantDense(
             features=module.features, use_bias=module.use_bias, dtype=module.dtype, param_dtype=module.param_dtype,
-            rank=spec.rank, fmt=spec.fmt, shift=spec.shift, backend=spec.backend, interpret=spec.interpret,
-            wrapped=module)
+            rank=spec.rank, fmt=spec.fmt, shift=spec.shift, channel_scales=spec.channel_scales,
+            backend=spec.backend, interpret=spec.interpret, wrapped=module)
       elif isinstance(spec, WeightOnlySpec):
         replacement = WeightOnlyDense(features=module.features, use_bias=module.use_bias, dtype=module.dtype,
                                       param_dtype=module.param_dtype, spec=spec, wrapped=module)

@@ -2,17 +2,21 @@
 
 The op is split as Nunchaku splits it (``docs/kernels.md`` §1), so that each GPU kernel has a reference:
 
-* **kernel 1** (:func:`quantize_activations`): one read of ``x``: smoothing ``x̂ = x/λ (+δ)``
-  in float32 (a correctly rounded division), dynamic per-token per-group quantization with
-  the project's quantizers (:mod:`svdquant_jax.formats.quantizers`: scale ``absmax/qmax``
-  correctly rounded, then rounded to its storage dtype; codes ``round_half_even(x̂/scale)``,
-  clipped; 0 where the scale is 0), and the low-rank down-projection
-  ``lora_act = x · lora_down`` accumulated in float32. Every step is an IEEE operation, so a
-  kernel that performs the same operations reproduces the codes and scales bit for bit.
+* **kernel 1** (:func:`quantize_activations`): one read of ``x``: shift, then smoothing,
+  ``x̃ = (x + δ)/λ``, each step rounded to the activation dtype as the engine's 16-bit
+  arithmetic does (``x + δ`` rounded; the correctly rounded float32 quotient rounded), dynamic
+  per-token per-group quantization with the project's quantizers
+  (:mod:`svdquant_jax.formats.quantizers`, the engine's activation quantizer: scale
+  ``s = absmax · fl(1/qmax)`` in float32, codes ``rint(x̃ · fl(1/s))`` saturated, 0 where ``s``
+  is 0, ``s`` stored in its storage dtype), and the low-rank down-projection
+  ``lora_act = x · lora_down`` on the raw ``x``, accumulated in float32. Every step is an IEEE
+  operation, so a kernel that performs the same operations reproduces the codes and scales bit
+  for bit.
 * **kernel 2** (:func:`gemm`): the group-scaled integer GEMM computed exactly: the int32 dot of
   each quantization group, converted to float32 and scaled by ``s_x[m, g] · s_w[g, n]`` and
-  accumulated over groups in order; then the epilogue ``+ lora_act · lora_up + b_eff``, and one
-  rounding to the activation dtype. ``lora_act`` is rounded to the activation dtype before
+  accumulated over groups in order; then the epilogue: ``· wtscale`` and ``· wcscales[n]`` (NVFP4
+  per-tensor and per-channel weight scales, when present), ``+ lora_act · lora_up + b_eff``, and
+  one rounding to the activation dtype. ``lora_act`` is rounded to the activation dtype before
   its product with ``lora_up`` (as Nunchaku's fp16/bf16 MMA epilogue does; no rounding for
   float32 activations).
 
@@ -47,7 +51,7 @@ class QuantizedActivations:
   """Output of kernel 1 in the reference (unpacked) form.
 
   Attributes:
-    codes: ``[M, K]``: int4 ``int8`` in [-7, 7] (or [0, 15] when shifted); nvfp4 ``uint8``
+    codes: ``[M, K]``: int4 ``int8`` in [-8, 7] (or [0, 15] when shifted); nvfp4 ``uint8``
       E2M1 codes; int8 ``int8`` in [-127, 127].
     scales: ``[M, K/G]``: int4 in the activation dtype, nvfp4 ``float8_e4m3fn``, int8
       ``float32 [M, 1]``.
@@ -69,11 +73,14 @@ def true_divide(a: Any, b: Any) -> Array:
 
 
 def smooth_input(x: Array, params: QuantizedLinear) -> Array:
-  """``x/λ (+ δ)`` in float32, ``[..., K]``: a correctly rounded division, then the shift."""
-  xs = true_divide(x.astype(jnp.float32), params.smooth.astype(jnp.float32))
+  """``x̃ = (x + δ)/λ`` ``[..., K]`` as float32 values of ``x.dtype``: ``x + δ`` rounded to
+  ``x.dtype``, then the correctly rounded quotient rounded to ``x.dtype`` (no rounding for float32
+  activations)."""
+  xs = x.astype(jnp.float32)
   if params.shift:
-    xs = xs + jnp.float32(params.shift)
-  return xs
+    xs = (xs + jnp.float32(params.shift)).astype(x.dtype).astype(jnp.float32)
+  xs = true_divide(xs, params.smooth.astype(jnp.float32))
+  return xs.astype(x.dtype).astype(jnp.float32)
 
 
 def lora_down_projection(x: Array, params: QuantizedLinear) -> Array:
@@ -101,8 +108,7 @@ def _integer_operands(acts: QuantizedActivations, params: QuantizedLinear) -> tu
     a = (2.0 * q.e2m1_decode(acts.codes)).astype(jnp.int8)
     w = (2.0 * q.e2m1_decode(params.weight_codes())).astype(jnp.int8)
     sa = acts.scales.astype(jnp.float32) * 0.25
-    sw = params.wtscale.astype(jnp.float32) * params.wscales.astype(jnp.float32)
-    return a, w, sa, sw
+    return a, w, sa, params.wscales.astype(jnp.float32)
   return (acts.codes.astype(jnp.int8), params.weight_codes().astype(jnp.int8), acts.scales.astype(jnp.float32),
           params.wscales.astype(jnp.float32))
 
@@ -122,8 +128,8 @@ def group_sums(a: Array, w: Array, group_size: int) -> Array:
 def gemm(acts: QuantizedActivations, params: QuantizedLinear, out_dtype: jnp.dtype) -> Array:
   """Kernel 2 of the reference: ``[M, N]`` in ``out_dtype``.
 
-  ``y = Σ_g (dot_int32(a_g, w_g) · s_x[:, g]) · s_w[g, :] + cast(lora_act) · lora_up + b_eff``,
-  the group terms added in group order in float32.
+  ``y = (Σ_g (dot_int32(a_g, w_g) · s_x[:, g]) · s_w[g, :]) · wtscale · wcscales
+  + cast(lora_act) · lora_up + b_eff``, the group terms added in group order in float32.
   """
   a, w, sa, sw = _integer_operands(acts, params)
   m, k = a.shape
@@ -139,6 +145,7 @@ def gemm(acts: QuantizedActivations, params: QuantizedLinear, out_dtype: jnp.dty
     return acc + psum.astype(jnp.float32) * sa_g[:, None] * sw_g[None, :], None
 
   acc, _ = jax.lax.scan(add_group, jnp.zeros((m, n), jnp.float32), (ag, wg, sa.T, sw))
+  acc = apply_weight_scales(acc, params)
   if params.rank:
     lora_act = acts.lora_act.astype(out_dtype)
     acc = acc + jnp.dot(lora_act, params.lora_up.astype(out_dtype), preferred_element_type=jnp.float32,
@@ -146,6 +153,15 @@ def gemm(acts: QuantizedActivations, params: QuantizedLinear, out_dtype: jnp.dty
   if params.bias is not None:
     acc = acc + params.bias.astype(jnp.float32)[None, :]
   return acc.astype(out_dtype)
+
+
+def apply_weight_scales(acc: Array, params: QuantizedLinear) -> Array:
+  """``acc · wtscale · wcscales[n]`` in float32 (each factor only when present)."""
+  if params.wtscale is not None:
+    acc = acc * params.wtscale.astype(jnp.float32).reshape(())
+  if params.wcscales is not None:
+    acc = acc * params.wcscales.astype(jnp.float32)[None, :]
+  return acc
 
 
 def svdquant_linear_reference(x: Array, params: QuantizedLinear) -> Array:

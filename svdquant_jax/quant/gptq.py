@@ -3,7 +3,8 @@
 In our ``[K, N]`` orientation GPTQ walks the input channels (rows of the kernel; PyTorch's
 columns). As deepcompressor's ``gptq_quantize`` with ``svdquant/gptq.yaml``:
 
-  * Hessian ``H = Σ (2 / T) x̂ᵀ x̂`` of the smoothed inputs ``x̂ = x / λ``, accumulated over chunks
+  * Hessian ``H = Σ (2 / T) x̃ᵀ x̃`` of the inputs of the quantized path ``x̃ = (x + δ) / λ``
+    (δ: the fc2 shift, else 0), accumulated over chunks
     of ``block_rows`` rows (T = number of rows; deepcompressor divides by the number of samples:
     a constant factor, which GPTQ is invariant to, damping being relative);
   * dead channels (``H_kk = 0``): ``H_kk = 1`` and the weight row is zeroed;
@@ -40,10 +41,11 @@ from svdquant_jax.utils import linalg
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "precision"))
+@functools.partial(jax.jit, static_argnames=("block_rows", "precision", "shift"))
 def hessian_from_inputs(x: Array, smooth: Array | None = None, block_rows: int = 512,
-                        precision: Any = PRECISION) -> Array:
-  """``H = Σ (2 / T) x̂ᵀ x̂`` ``[K, K]`` float32 over the rows of ``x [..., K]`` (``x̂ = x / smooth``).
+                        precision: Any = PRECISION, shift: float = 0.0) -> Array:
+  """``H = Σ (2 / T) x̃ᵀ x̃`` ``[K, K]`` float32 over the rows of ``x [..., K]``
+  (``x̃ = (x + shift) / smooth``, the input of the quantized path).
 
   The rows are processed ``block_rows`` at a time (a ``lax.scan``; the last chunk is padded with
   zero rows, which add nothing).
@@ -52,8 +54,10 @@ def hessian_from_inputs(x: Array, smooth: Array | None = None, block_rows: int =
   rows = x.reshape(-1, k)
   t = rows.shape[0]
   chunks = -(-t // block_rows)
-  rows = jnp.pad(rows, ((0, chunks * block_rows - t), (0, 0))).reshape(chunks, block_rows, k)
+  pad = chunks * block_rows - t
   smooth = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
+  rows = rows.astype(jnp.float32) + jnp.float32(shift) if shift else rows
+  rows = jnp.pad(rows, ((0, pad), (0, 0))).reshape(chunks, block_rows, k)  # zero rows (after the shift) add nothing
 
   def add(h, chunk):
     c = true_divide(chunk.astype(jnp.float32), smooth)

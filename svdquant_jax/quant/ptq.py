@@ -39,6 +39,9 @@ from svdquant_jax.utils.progress import Progress
 
 Array = jax.Array
 PROGRESS_FILE = "progress.json"
+# Bumped when the calibrated layers' meaning changes (2: shift before smoothing, the engine's
+# activation quantizer): saved progress of an older run is not resumed.
+LAYER_SEMANTICS = 2
 
 
 class ResumeError(ValueError):
@@ -262,7 +265,8 @@ def run_identity(settings: PTQSettings, fingerprint: str, calib_fingerprint: str
                  indices: Sequence[int]) -> dict[str, Any]:
   """What a resumed run must share with the interrupted one."""
   return {"settings": settings.to_json(), "model": fingerprint, "calibration": calib_fingerprint,
-          "samples": hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]}
+          "samples": hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16],
+          "layer_semantics": LAYER_SEMANTICS}
 
 
 # ----------------------------------------------------------------------------- the whole model

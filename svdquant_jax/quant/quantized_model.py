@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from svdquant_jax.nn import QuantSpec, WeightOnlySpec, replace_dense_params, swap_dense, weight_only_params
+from svdquant_jax.formats.packing import QuantizedLinear
+from svdquant_jax.nn import QuantSpec, WeightOnlySpec, awq_params, replace_dense_params, swap_dense, weight_only_params
 from svdquant_jax.quant.adapters import ModelAdapter
 from svdquant_jax.quant.deploy import to_quantized_linear
 from svdquant_jax.quant.ptq import QuantizedLayer
@@ -34,7 +35,9 @@ from svdquant_jax.utils.files import atomic_directory, atomic_write_text, quiet_
 from svdquant_jax.utils import trees
 from svdquant_jax.utils.safetensors_io import CheckpointError
 
-FORMAT_VERSION = 1
+# 2: shift before smoothing ((x + δ)/λ), the engine's activation quantizer, nvfp4 wcscales,
+#    weight-only INT4 in the AWQ form (u, wscales, wzeros).
+FORMAT_VERSION = 2
 CONFIG_FILE = "quant_config.json"
 Spec = QuantSpec | WeightOnlySpec
 
@@ -48,13 +51,16 @@ def layer_to_params(layer: QuantizedLayer, dtype: Any) -> tuple[Spec, dict[str, 
 
   W4A4/NVFP4/W8A8 layers are packed by :func:`~svdquant_jax.quant.deploy.to_quantized_linear`
   (GPTQ's codes when set, else the RTN codes of ``R``); weight-only layers quantize ``R = W``
-  (λ = 1, no branch) with scales in ``dtype``.
+  (λ = 1, no branch) with scales in ``dtype``, INT4 in the AWQ form (GPTQ's codes and scales
+  when set).
   """
   w, fmt = layer.weights, layer.fmt
   if fmt.act is None:
     if w.rank or not bool(jnp.all(w.smooth == 1)):
       raise ValueError("a weight-only layer cannot have smoothing or a low-rank branch")
     spec = WeightOnlySpec("int4" if fmt.weight == "int4" else "nf4", fmt.group_size)
+    if spec.fmt == "int4" and w.residual_q is not None:
+      return spec, awq_params(w.residual_q.codes, w.residual_q.scales, w.bias, dtype)
     kernel = w.residual if w.residual_q is None else quantized_residual(w, fmt)
     return spec, weight_only_params(kernel, w.bias, spec, dtype)
   ql = to_quantized_linear(w, fmt, shift=layer.shift, dtype=dtype)
@@ -65,8 +71,14 @@ def quantize_params(params: Mapping[str, Any], layers: Mapping[str, QuantizedLay
                     dtype: Any) -> tuple[dict[str, Any], dict[str, Spec]]:
   """Full-precision params + quantized layers -> ``(quantized params tree, {path: spec})``."""
   specs, subtrees = {}, {}
+  flat = trees.flatten(params)
   for path, layer in layers.items():
     specs[path], subtrees[path] = layer_to_params(layer, dtype)
+    # A Dense without bias keeps none unless the shift needs one for its compensation.
+    if f"{path}/bias" not in flat and not getattr(specs[path], "shift", 0.0):
+      sub = subtrees[path]
+      subtrees[path] = (dataclasses.replace(sub, bias=None) if isinstance(sub, QuantizedLinear)
+                        else {k: v for k, v in sub.items() if k != "bias"})
   return replace_dense_params(params, subtrees), specs
 
 
@@ -127,8 +139,14 @@ def save_quantized(folder: str, params: Mapping[str, Any], specs: Mapping[str, S
 def read_quantized_config(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, CONFIG_FILE)
   config = read_json(path, QuantizedCheckpointError, f"{folder}: no {CONFIG_FILE}; not a quantized model folder")
-  if config.get("format_version") != FORMAT_VERSION:
-    raise QuantizedCheckpointError(f"{path}: format version {config.get('format_version')}, expected {FORMAT_VERSION}")
+  version = config.get("format_version")
+  if version != FORMAT_VERSION:
+    if isinstance(version, int) and version < FORMAT_VERSION:
+      raise QuantizedCheckpointError(
+          f"{path}: format version {version} was written by an older svdquant_jax whose quantized layers compute "
+          f"differently (version {FORMAT_VERSION}: shift before smoothing, the engine's activation quantizer, "
+          "weight-only INT4 with zero points); re-run PTQ (launch/ptq.py) to write this model again")
+    raise QuantizedCheckpointError(f"{path}: format version {version}, expected {FORMAT_VERSION}")
   return config
 
 

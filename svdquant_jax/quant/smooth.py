@@ -5,7 +5,9 @@
 
   * spans: absmax of the activations per input channel over all calibration tokens, and absmax of
     the weights per input channel over the concatenated output channels of every layer that reads
-    the input (``w_absmax`` runs over axis 1 of each ``[K, N_i]`` kernel);
+    the input (``w_absmax`` runs over axis 1 of each ``[K, N_i]`` kernel). For a shifted (fc2)
+    input the activation span is that of ``x + δ``, the tensor λ divides
+    (:func:`activation_absmax` with ``shifts``);
   * ``α = 0`` gives ``w_absmax^-β``; zero entries of λ become 1; a non-finite λ becomes all ones
     (deepcompressor asserts instead; inside a jitted search we cannot raise, and ones is the
     (0, 0) candidate, which is always in the grid);
@@ -47,9 +49,16 @@ def alpha_beta_grid(num_grids: int = 20) -> tuple[tuple[float, float], ...]:
   return ((0.0, 0.0),) + tuple((a, 0.0) for a in choices) + tuple((a, 1.0 - a) for a in choices)
 
 
-def activation_absmax(x: Array) -> Array:
-  """``max |x|`` per input channel over all tokens: ``[..., K] -> [K]`` float32."""
-  return jnp.max(jnp.abs(x.reshape(-1, x.shape[-1]).astype(jnp.float32)), axis=0)
+def activation_absmax(x: Array, shifts: Sequence[float] = ()) -> Array:
+  """``max |x + δ|`` per input channel over all tokens: ``[..., K] -> [K]`` float32.
+
+  ``shifts``: the activation shifts δ of the layers reading ``x`` (their quantized path divides
+  ``x + δ`` by λ); the span is the largest over the distinct shifts (no shifts, or all 0: ``max |x|``).
+  """
+  rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  deltas = sorted({float(d) for d in shifts}) or [0.0]
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(rows + jnp.float32(d) if d else rows), axis=0) for d in deltas]),
+                 axis=0)
 
 
 def weight_absmax(kernels: Sequence[Array]) -> Array:

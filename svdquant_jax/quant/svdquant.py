@@ -2,7 +2,8 @@
 
 :func:`quantize_linear_group` runs the pipeline for the layers that read one input: smoothing
 search (``smooth.py``) -> low-rank branch with alternating refinement (``lowrank.py``) ->
-optional GPTQ on the residual (``gptq.py``). The float form it returns and the fake-quantized
+optional GPTQ on the residual (``gptq.py``) -> optional learned refinement of λ and the branch
+(``refine.py``, ``PTQSettings.refine``). The float form it returns and the fake-quantized
 forward live in ``weights.py`` (re-exported here).
 
 Each kernel gets its own low-rank branch by default. With ``shared_branch=True`` (deepcompressor's
@@ -26,6 +27,7 @@ import numpy as np
 from svdquant_jax.formats.quantizers import GELU_SHIFT, QuantFormat, QuantizationError
 from svdquant_jax.quant import gptq as gptq_lib
 from svdquant_jax.quant import lowrank as lowrank_lib
+from svdquant_jax.quant import refine as refine_lib
 from svdquant_jax.quant import smooth as smooth_lib
 from svdquant_jax.quant.settings import PTQSettings
 from svdquant_jax.quant.weights import (PRECISION, SVDQuantWeights, act_shift, as_traceable_loss, effective_bias,
@@ -48,6 +50,8 @@ class GroupQuantInfo:
     lowrank_best: per kernel, ``int32 []`` index of the kept iteration (0 = plain SVDQuant).
     gptq_inv_tries: per kernel, ``int32 []`` Cholesky attempts GPTQ needed (0 without GPTQ).
     gptq_stable: per kernel, ``bool []`` whether the damped Hessian inverse succeeded.
+    refine: :class:`~svdquant_jax.quant.refine.RefineInfo` of the learned refinement (``None``
+      when off).
   """
   smooth_index: Array
   smooth_losses: Array
@@ -55,11 +59,12 @@ class GroupQuantInfo:
   lowrank_best: tuple
   gptq_inv_tries: tuple
   gptq_stable: tuple
+  refine: Any = None
 
 
 jax.tree_util.register_dataclass(
     GroupQuantInfo, data_fields=["smooth_index", "smooth_losses", "lowrank_losses", "lowrank_best",
-                                 "gptq_inv_tries", "gptq_stable"], meta_fields=[])
+                                 "gptq_inv_tries", "gptq_stable", "refine"], meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,9 +107,10 @@ def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, se
   biases = [b.astype(jnp.float32) for b in biases]
   if loss_fn is None:
     loss_fn = smooth_lib.linear_output_loss(x, kernels, biases, fmt, shifts)
+  deltas = [act_shift(fmt, s) for s in shifts]
   if settings.smooth:
     found = smooth_lib.search_smoothing(
-        kernels, smooth_lib.activation_absmax(x), loss_fn, fmt, biases=biases, rank=rank,
+        kernels, smooth_lib.activation_absmax(x, deltas), loss_fn, fmt, biases=biases, rank=rank,
         grid=settings.smoothing_grid, candidate_batch=settings.candidate_batch, svd_iters=svd_iters,
         oversample=settings.oversample, shared_branch=shared_branch)
     lam, smooth_index, smooth_losses = found.smooth, found.index, found.losses
@@ -142,15 +148,24 @@ def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, se
   tries = [jnp.asarray(0, jnp.int32)] * len(layers)
   stable = [jnp.asarray(True)] * len(layers)
   if settings.gptq:
+    # The Hessian of the tensor the quantized path reads: (x + δ) / λ.
     rows = settings.hessian_block_rows
-    shared = None if gptq_inputs is not None else gptq_lib.hessian_from_inputs(x, lam, block_rows=rows)
+    shared = {}
+    if gptq_inputs is None:
+      for delta in sorted(set(deltas)):
+        shared[delta] = gptq_lib.hessian_from_inputs(x, lam, block_rows=rows, shift=delta)
     for i, layer in enumerate(layers):
-      hess = shared if shared is not None else gptq_lib.hessian_from_inputs(gptq_inputs[i], lam, block_rows=rows)
+      hess = shared[deltas[i]] if gptq_inputs is None else gptq_lib.hessian_from_inputs(
+          gptq_inputs[i], lam, block_rows=rows, shift=deltas[i])
       res = gptq_lib.gptq_quantize(layer.residual, hess, fmt, block_size=settings.gptq_block_size,
                                    damp=settings.gptq_damp, max_inv_tries=settings.gptq_max_inv_tries)
       layers[i] = dataclasses.replace(layer, residual_q=res.qweight)
       tries[i], stable[i] = res.inv_tries, res.stable
-  info = GroupQuantInfo(smooth_index, smooth_losses, tuple(lr_losses), tuple(lr_best), tuple(tries), tuple(stable))
+  refine_info = None
+  if settings.refine.enabled:  # GPTQ codes, when present, stay fixed (see refine.py)
+    layers, refine_info = refine_lib.refine_group(layers, kernels, x, fmt, deltas, settings.refine, loss_fn)
+  info = GroupQuantInfo(smooth_index, smooth_losses, tuple(lr_losses), tuple(lr_best), tuple(tries), tuple(stable),
+                        refine_info)
   return layers, info
 
 

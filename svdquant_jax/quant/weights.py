@@ -1,10 +1,13 @@
 """The SVDQuant linear in float form and its fake-quantized forward.
 
 One linear layer ``y = x @ W + b`` (kernel ``W [K, N]``) becomes (``docs/design.md``, canonical
-formula; paper Eq. 5-6)::
+formula; paper Eq. 5-6; the shift before the smoothing, as deepcompressor and Nunchaku)::
 
-  x̂ = x / λ,   Ŵ = diag(λ) W = R + A B,
-  y = Qa(x̂ + δ) · Qw(R) + (x̂ · A) · B + b - δ · 1ᵀ Qw(R)
+  x̃ = (x + δ) / λ,   Ŵ = diag(λ) W = R + A B,
+  y = Qa(x̃) · Qw(R) + ((x / λ) · A) · B + b_eff,   b_eff = b - Σ_k (δ / λ_k) · Qw(R)[k, :]
+
+Without quantization this is exactly ``x W + b``: the δ term of the main path is compensated by
+``b_eff`` and the branch reads the unshifted ``x / λ``.
 
 :class:`SVDQuantWeights` holds the float pieces (λ, R, A, B, b), :func:`fake_forward` evaluates
 the formula with fake quantizers, :func:`to_lora_down` gives the deployed ``lora_down = diag(1/λ) A``
@@ -100,11 +103,19 @@ def quantized_residual(w: SVDQuantWeights, fmt: QuantFormat) -> Array:
 
 
 def effective_bias(w: SVDQuantWeights, fmt: QuantFormat, shift: float = 0.0) -> Array:
-  """``b_eff = b - δ 1ᵀ Qw(R)`` ``[N]``: the bias of the deployed layer."""
+  """``b_eff = b - Σ_k (δ / λ_k) Qw(R)[k, :]`` ``[N]`` (float32): the bias with the shift of the
+  quantized path compensated exactly."""
   delta = act_shift(fmt, shift)
   if not delta:
     return w.bias
-  return w.bias - delta * jnp.sum(quantized_residual(w, fmt), axis=0)
+  return w.bias - shift_compensation(w.smooth, quantized_residual(w, fmt), delta)
+
+
+def shift_compensation(smooth: Array, qw: Array, delta: float, precision: Any = PRECISION) -> Array:
+  """``Σ_k (δ / λ_k) · Qw(R)[k, :]`` ``[N]`` in float32: what the shift δ adds to the quantized
+  path ``((x + δ)/λ) · Qw(R)`` (``qw [K, N]``)."""
+  shifted = true_divide(jnp.full(smooth.shape, delta, jnp.float32), smooth.astype(jnp.float32))
+  return jnp.dot(shifted, qw.astype(jnp.float32), precision=precision)
 
 
 def to_lora_down(w: SVDQuantWeights) -> Array:
@@ -116,8 +127,9 @@ def fake_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 
                  precision: Any = PRECISION) -> Array:
   """The canonical SVDQuant linear with fake quantizers.
 
-  ``y = Qa(x̂ + δ) Qw(R) + (x̂ A) B + b - δ 1ᵀ Qw(R)``, ``x̂ = x / λ``. The branch reads the
-  unquantized ``x̂``; everything is computed in float32.
+  ``y = Qa(x̃) Qw(R) + ((x / λ) A) B + b - Σ_k (δ / λ_k) Qw(R)[k, :]``, ``x̃ = (x + δ) / λ``
+  (correctly rounded division). The branch reads the unshifted, unquantized ``x / λ``; everything
+  is computed in float32.
 
   Args:
     x: ``[..., K]``.
@@ -131,15 +143,17 @@ def fake_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 
     ``[..., N]`` in ``x.dtype``.
   """
   delta = act_shift(fmt, shift)
-  x_hat = true_divide(x.astype(jnp.float32), w.smooth)  # IEEE, as the deployed kernels divide
-  qa = fake_quant_act(x_hat + delta if delta else x_hat, fmt, unsigned=delta > 0)
+  xf = x.astype(jnp.float32)
+  x_hat = true_divide(xf, w.smooth)  # IEEE, as the deployed kernels divide
+  x_tilde = true_divide(xf + jnp.float32(delta), w.smooth) if delta else x_hat
+  qa = fake_quant_act(x_tilde, fmt, unsigned=delta > 0)
   qw = quantized_residual(w, fmt)
   y = jnp.dot(qa, qw, precision=precision)
   if w.rank:
     y = y + jnp.dot(jnp.dot(x_hat, w.lora_a, precision=precision), w.lora_b, precision=precision)
   y = y + w.bias
   if delta:
-    y = y - delta * jnp.sum(qw, axis=0)
+    y = y - shift_compensation(w.smooth, qw, delta, precision)
   return y.astype(x.dtype)
 
 
