@@ -5,6 +5,7 @@
     python launch/generate.py --config.model=pixart-sigma --config.model_path=/data/PixArt-Sigma \
         --config.prompts_path=prompts.yaml --config.num_prompts=0 --config.output_dir=runs/ref
     python launch/generate.py --config.quantized_model=runs/flux-tiny/<protocol>/svdq-int4/model
+    python launch/generate.py --config.loras=style.safetensors:0.8,detail.safetensors:0.5  # FLUX LoRAs
 
 Writes ``00000.png``, ... (one per prompt), ``contact_sheet.png`` with its text index and
 ``generation.json`` into ``output_dir``. An image depends only on the model, the settings, the
