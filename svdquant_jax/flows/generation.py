@@ -12,7 +12,8 @@ in the list or on the other prompts.
 
 :func:`run` is the generate command (``launch/generate.py``): a model by name or folder, its
 prompts and settings from a :func:`default_config` ConfigDict, optionally with a quantized
-transformer saved by the PTQ flow.
+transformer saved by the PTQ flow and with FLUX LoRAs (``loras="a.safetensors:0.8,b.safetensors"``;
+``docs/lora.md``), applied at run time as branches beside the float or quantized layers.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
+from svdquant_jax.models.flux_lora import load_flux_lora
+from svdquant_jax.models.flux_lora import parse_lora_spec as parse_loras
+from svdquant_jax.nn import lora_params, with_lora
+from svdquant_jax.flows import nunchaku as nunchaku_flow
 from svdquant_jax.pipelines import images as images_lib
 from svdquant_jax.pipelines import prompts as prompts_lib
 from svdquant_jax.pipelines.loading import load_pipeline
@@ -83,7 +89,8 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 
 def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationSettings, out_dir: str, *,
                     transformer_fn: Callable[..., Any] | None = None, transformer_params: Any = None,
-                    on_step: Callable[..., None] | None = None, progress: bool = True) -> dict[str, Any]:
+                    on_step: Callable[..., None] | None = None, progress: bool = True,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Generates one PNG per prompt plus a contact sheet and ``generation.json`` in ``out_dir``.
 
   Args:
@@ -93,6 +100,7 @@ def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationS
     out_dir: output folder (created).
     transformer_fn, transformer_params, on_step: passed to the pipeline (e.g. a quantized transformer).
     progress: show a progress display over prompts and steps.
+    extra: more JSON entries for ``generation.json`` (e.g. the LoRAs applied).
 
   Returns:
     The content of ``generation.json``.
@@ -128,7 +136,7 @@ def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationS
   result = {"model": pipeline.name, "pipeline_class": pipeline.pipeline_class,
             "settings": dataclasses.asdict(s), "num_images": len(prompts), "images": records,
             "contact_sheet": os.path.basename(sheet_path), "contact_sheet_index": os.path.basename(index_path),
-            "seconds": round(elapsed, 3), "seconds_per_image": round(elapsed / len(prompts), 4)}
+            "seconds": round(elapsed, 3), "seconds_per_image": round(elapsed / len(prompts), 4), **(extra or {})}
   atomic_write_text(os.path.join(out_dir, GENERATION_JSON), json.dumps(result, indent=1) + "\n")
   logging.info("wrote %d images, %s and %s to %s (%.1f s)", len(prompts), CONTACT_SHEET, GENERATION_JSON, out_dir,
                elapsed)
@@ -142,6 +150,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = "flux-tiny"          # preset name (flux-dev, flux-schnell, pixart-sigma, flux-tiny, pixart-tiny) or folder
   c.model_path = ""              # folder with the weights of a real-size preset
   c.quantized_model = ""         # a quantized transformer saved by the PTQ flow (runs/<model>/<protocol>/<method>/model)
+  c.nunchaku = ""                # a Nunchaku FLUX.1 checkpoint (svdq-int4_r32-*.safetensors) as the transformer
+  c.loras = ""                   # FLUX LoRAs "a.safetensors:0.8,b.safetensors" (file:strength, default 1)
+  c.lora_partial = False         # allow LoRA keys that match no layer (a warning lists them) instead of an error
   c.dtype = ""                   # "": each component's default precision; else e.g. "bfloat16", "float32"
   c.prompts = ""                 # prompts separated by "|"
   c.prompts_path = ""            # a .txt / .json / .yaml prompt file (used when `prompts` is empty)
@@ -183,16 +194,57 @@ def settings_from_config(config: Any) -> GenerationSettings:
                             contact_sheet_columns=config.contact_sheet_columns)
 
 
+def apply_loras(pipeline: Any, loras: Sequence[tuple[str, float]], *, partial: bool = False,
+                transformer_fn: Callable[..., Any] | None = None,
+                transformer_params: Any = None) -> tuple[Callable[..., Any], Any, list[dict[str, Any]]]:
+  """A FLUX pipeline's transformer (float, or the quantized ``transformer_fn``/``transformer_params``)
+  with LoRA branches: ``(jitted fn, params, description)`` for :func:`generate_images`.
+
+  The strengths are arrays in the returned params: ``params["lora"]`` with other strengths
+  (:func:`~svdquant_jax.nn.set_strengths`) runs the same compiled program.
+
+  Raises:
+    ValueError: the pipeline is not FLUX.
+    LoraError: a LoRA file that does not fit the transformer (see ``load_flux_lora``).
+  """
+  adapter = adapter_for_pipeline(pipeline)
+  if adapter.family != "flux":
+    raise ValueError(f"LoRAs are supported for FLUX transformers, not {adapter.family!r} ({pipeline.name})")
+  if transformer_fn is None:
+    model = adapter.model
+    transformer_fn = lambda params, **inputs: model.apply({"params": params}, **inputs)  # noqa: E731
+    transformer_params = pipeline.transformer_params
+  files = [load_flux_lora(path, adapter.config, partial=partial) for path, _ in loras]
+  for lora in files:
+    logging.info("LoRA %s", lora.summary())
+  tree = lora_params(files, [s for _, s in loras], dtype=adapter.config.param_dtype)
+  described = [{"path": path, "strength": s, "layers": len(f.layers)} for (path, s), f in zip(loras, files)]
+  return jax.jit(with_lora(transformer_fn)), {"base": transformer_params, "lora": tree}, described
+
+
 def run(config: Any) -> dict[str, Any]:
   """Loads the model named by ``config`` and generates its images (see :func:`generate_images`)."""
   compile_cache.configure(config.get("compilation_cache", compile_cache.AUTO))
   prompts = prompts_from_config(config)
   settings = settings_from_config(config)
-  pipeline = load_pipeline(config.model, path=config.model_path or None, dtype=config.dtype or None)
+  loras = parse_loras(config.get("loras", "")) if config.get("loras", "") else []
+  nunchaku_file = config.get("nunchaku", "")
+  if nunchaku_file and config.quantized_model:
+    raise ValueError("set one of --config.quantized_model and --config.nunchaku, not both")
+  pipeline = load_pipeline(config.model, path=config.model_path or None, dtype=config.dtype or None,
+                           transformer_weights=not nunchaku_file)
   transformer_fn = transformer_params = None
+  if nunchaku_file:
+    transformer_fn, transformer_params, model = nunchaku_flow.load_transformer(nunchaku_file, pipeline)
+    logging.info("Nunchaku %s rank-%d transformer from %s", model.fmt, model.rank, nunchaku_file)
   if config.quantized_model:
     transformer_fn, transformer_params, meta = quantized_model.load_for_model(
         config.quantized_model, adapter_for_pipeline(pipeline))
     logging.info("quantized transformer %r from %s", meta.get("name"), config.quantized_model)
+  extra = {}
+  if loras:
+    transformer_fn, transformer_params, extra["loras"] = apply_loras(
+        pipeline, loras, partial=config.get("lora_partial", False), transformer_fn=transformer_fn,
+        transformer_params=transformer_params)
   return generate_images(pipeline, prompts, settings, config.output_dir, progress=config.progress,
-                         transformer_fn=transformer_fn, transformer_params=transformer_params)
+                         transformer_fn=transformer_fn, transformer_params=transformer_params, extra=extra)

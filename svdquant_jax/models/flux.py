@@ -108,6 +108,14 @@ class FluxConfig:
   def replace(self, **changes: Any) -> "FluxConfig":
     return dataclasses.replace(self, **changes)
 
+  def to_diffusers(self) -> dict[str, Any]:
+    """The diffusers ``config.json`` dict (inverse of :meth:`from_diffusers` up to the compute settings)."""
+    skip = {"dtype", "param_dtype", "attention_impl"}
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+    out["axes_dims_rope"] = list(self.axes_dims_rope)
+    out["guidance_embeds"] = bool(self.guidance_embeds)
+    return {"_class_name": "FluxTransformer2DModel", **out}
+
   @classmethod
   def from_diffusers(cls, config_dict: Mapping[str, Any], **overrides: Any) -> "FluxConfig":
     """Builds a config from a diffusers ``config.json`` dict (keys starting with ``_`` are metadata).

@@ -106,6 +106,16 @@ def flux_mapping(config: FluxConfig) -> list[Rule]:
   return rules
 
 
+def read_flux_config(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None) -> FluxConfig:
+  """The :class:`FluxConfig` of a diffusers ``transformer`` folder, without reading its weights."""
+  overrides = {}
+  if dtype is not None:
+    overrides["dtype"] = as_dtype(dtype, "dtype")
+  if param_dtype is not None:
+    overrides["param_dtype"] = as_dtype(param_dtype, "param_dtype")
+  return checkpoint.read_model_config(folder, FLUX_CLASS_NAMES, FluxConfig.from_diffusers, **overrides)
+
+
 def load_flux_transformer(folder: str | os.PathLike, dtype: Any = None,
                           param_dtype: Any = None) -> tuple[FluxConfig, dict[str, Any]]:
   """Loads a diffusers ``FluxTransformer2DModel`` folder (``config.json`` + safetensors, single or sharded).
@@ -123,12 +133,7 @@ def load_flux_transformer(folder: str | os.PathLike, dtype: Any = None,
       misshaped tensor (named).
     ValueError: an invalid ``dtype`` / ``param_dtype`` argument.
   """
-  overrides = {}
-  if dtype is not None:
-    overrides["dtype"] = as_dtype(dtype, "dtype")
-  if param_dtype is not None:
-    overrides["param_dtype"] = as_dtype(param_dtype, "param_dtype")
-  config = checkpoint.read_model_config(folder, FLUX_CLASS_NAMES, FluxConfig.from_diffusers, **overrides)
+  config = read_flux_config(folder, dtype, param_dtype)
   store = checkpoint.open_store(folder)
   source = os.fspath(folder)
   try:

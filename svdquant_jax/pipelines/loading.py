@@ -3,20 +3,22 @@
 :func:`load_pipeline` takes a preset name from ``svdquant_jax.pipelines.presets.PIPELINE_PRESETS``
 or a diffusers-format folder:
 
-* ``"flux-tiny"`` / ``"pixart-tiny"``: built in memory (deterministic weights, byte-level
-  tokenizers; see :mod:`svdquant_jax.pipelines.presets`);
-* ``"flux-dev"`` / ``"flux-schnell"`` / ``"pixart-sigma"``: the real models; their weights are
-  read from ``path=`` (a local diffusers folder; nothing is downloaded);
+* ``"flux-tiny"`` / ``"pixart-tiny"`` / ``"sana-tiny"``: built in memory (deterministic weights,
+  byte-level tokenizers; see :mod:`svdquant_jax.pipelines.presets`);
+* ``"flux-dev"`` / ``"flux-schnell"`` / ``"pixart-sigma"`` / ``"sana-1.6b"``: the real models;
+  their weights are read from ``path=`` (a local diffusers folder; nothing is downloaded);
 * a folder with ``model_index.json`` naming ``FluxPipeline`` (``transformer/``, ``text_encoder/``
-  CLIP, ``text_encoder_2/`` T5, ``tokenizer/``, ``tokenizer_2/``, ``vae/``, ``scheduler/``) or
+  CLIP, ``text_encoder_2/`` T5, ``tokenizer/``, ``tokenizer_2/``, ``vae/``, ``scheduler/``),
   ``PixArtSigmaPipeline`` (``transformer/``, ``text_encoder/`` T5, ``tokenizer/``, ``vae/``,
-  ``scheduler/``).
+  ``scheduler/``) or ``SanaPipeline`` (``transformer/``, ``text_encoder/`` Gemma-2,
+  ``tokenizer/``, ``vae/`` DC-AE, ``scheduler/``).
 
 Precision (``dtype=None``): the dtypes :func:`save_pipeline` recorded in the folder, else as the
 original pipelines and ``docs/design.md``: FLUX transformer and VAE bf16, PixArt transformer fp16
-and VAE (SDXL) bf16, T5 bf16, CLIP fp16; the tiny presets float32. An explicit ``dtype`` applies
-to every component (compute and parameters), except that a VAE whose config sets ``force_upcast``
-(FLUX's and the SDXL VAE: they overflow in fp16) runs in bf16 when fp16 is asked.
+and VAE (SDXL) bf16, T5 bf16, CLIP fp16, SANA transformer, Gemma-2 and DC-AE bf16; the tiny
+presets float32. An explicit ``dtype`` applies to every component (compute and parameters),
+except that a VAE whose config sets ``force_upcast`` (FLUX's and the SDXL VAE: they overflow in
+fp16) and the DC-AE run in bf16 when fp16 is asked.
 
 :func:`save_pipeline` writes a pipeline back as a diffusers folder (safetensors + ``config.json``
 per component, tokenizers, scheduler config, ``model_index.json``) that both :func:`load_pipeline`
@@ -48,25 +50,31 @@ from svdquant_jax.models import tokenizers as tokenizers_lib
 from svdquant_jax.models.checkpoint import Rule
 from svdquant_jax.models.clip import (LEGACY_PREFIX, CLIPTextConfig, abstract_clip_params, clip_mapping,
                                       load_clip_text_model)
+from svdquant_jax.models.dc_ae import DCAEConfig, abstract_dc_ae_params, dc_ae_mapping, load_dc_ae
 from svdquant_jax.models.flux import FluxConfig, abstract_flux_params, as_dtype
-from svdquant_jax.models.flux_loader import flux_mapping, load_flux_transformer
+from svdquant_jax.models.gemma2 import abstract_gemma2_params, gemma2_mapping, load_gemma2_encoder
+from svdquant_jax.models.flux_loader import flux_mapping, load_flux_transformer, read_flux_config
 from svdquant_jax.models.pixart import PixArtConfig, abstract_pixart_params
 from svdquant_jax.models.pixart_loader import load_pixart_transformer, pixart_mapping
+from svdquant_jax.models.sana import SanaConfig, abstract_sana_params
+from svdquant_jax.models.sana_loader import load_sana_transformer, read_sana_config, sana_mapping
 from svdquant_jax.models.t5 import T5Config, load_t5_encoder, abstract_t5_params, t5_mapping
 from svdquant_jax.models.vae import VAEConfig, abstract_vae_params, load_vae, vae_mapping
 from svdquant_jax.pipelines import schedulers
 from svdquant_jax.pipelines.flux import FluxPipeline
 from svdquant_jax.pipelines.pixart import PixArtSigmaPipeline
+from svdquant_jax.pipelines.sana import SanaPipeline
 from svdquant_jax.utils.files import atomic_directory, atomic_write_text, read_json
 from svdquant_jax.utils.safetensors_io import CheckpointError, save_safetensors
 from svdquant_jax.utils import trees
 
-Pipeline = FluxPipeline | PixArtSigmaPipeline
+Pipeline = FluxPipeline | PixArtSigmaPipeline | SanaPipeline
 MODEL_INDEX = "model_index.json"
 METADATA_KEY = "_svdquant_jax"
 DIFFUSERS_VERSION = "0.32.0"
 FLUX_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
 PIXART_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+SANA_COMPONENTS = PIXART_COMPONENTS
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _SCHEDULER_CLASSES = {schedulers.FlowMatchConfig: "FlowMatchEulerDiscreteScheduler",
                       schedulers.DPMSolverConfig: "DPMSolverMultistepScheduler"}
@@ -74,7 +82,7 @@ _SCHEDULER_CLASSES = {schedulers.FlowMatchConfig: "FlowMatchEulerDiscreteSchedul
 
 # ----------------------------------------------------------------------------- loading
 def load_pipeline(name_or_path: str | os.PathLike, *, path: str | os.PathLike | None = None,
-                  dtype: Any = None) -> Pipeline:
+                  dtype: Any = None, transformer_weights: bool = True) -> Pipeline:
   """A pipeline from a preset name or a diffusers folder.
 
   Args:
@@ -84,6 +92,9 @@ def load_pipeline(name_or_path: str | os.PathLike, *, path: str | os.PathLike | 
       presets; with a tiny preset it loads a saved copy, e.g. from :func:`save_pipeline`).
     dtype: compute and parameter dtype of every component (see the module docstring); ``None``
       keeps each model's own.
+    transformer_weights: ``False``: read only the transformer's config from a folder, not its
+      weights (``transformer_params`` is ``None``; for a transformer supplied at call time, e.g. a
+      Nunchaku checkpoint). Built-in presets always build theirs.
 
   Raises:
     CheckpointError: a real preset without ``path``, a folder without ``model_index.json``, a
@@ -100,12 +111,12 @@ def load_pipeline(name_or_path: str | os.PathLike, *, path: str | os.PathLike | 
       raise CheckpointError(f"preset {name!r} is the real {preset.source} model: pass path= to a local diffusers "
                             f"folder with its weights (model_index.json, transformer/, vae/, ...); nothing is "
                             "downloaded")
-    return load_pipeline_folder(path, dtype=dtype, preset=preset)
+    return load_pipeline_folder(path, dtype=dtype, preset=preset, transformer_weights=transformer_weights)
   if path is not None:
     raise ValueError(f"path= goes with a preset name; {name!r} is not a preset "
                      f"({sorted(presets_lib.PIPELINE_PRESETS)})")
   if os.path.isdir(name):
-    return load_pipeline_folder(name, dtype=dtype)
+    return load_pipeline_folder(name, dtype=dtype, transformer_weights=transformer_weights)
   raise ValueError(f"{name!r} is neither a model preset ({sorted(presets_lib.PIPELINE_PRESETS)}) nor a folder")
 
 
@@ -122,8 +133,9 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pipeline_folder(folder: str | os.PathLike, *, dtype: Any = None,
-                         preset: presets_lib.PipelinePreset | None = None) -> Pipeline:
-  """Loads a diffusers ``FluxPipeline`` / ``PixArtSigmaPipeline`` folder (see :func:`load_pipeline`)."""
+                         preset: presets_lib.PipelinePreset | None = None, transformer_weights: bool = True) -> Pipeline:
+  """Loads a diffusers ``FluxPipeline`` / ``PixArtSigmaPipeline`` / ``SanaPipeline`` folder (see
+  :func:`load_pipeline`)."""
   folder = os.fspath(folder)
   dtype = None if dtype is None else as_dtype(dtype)
   index = read_model_index(folder)
@@ -141,11 +153,17 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype: Any = None,
   # dtype=None: the dtypes save_pipeline recorded, else each model's default.
   pick = lambda component: dtype if dtype is not None else saved.get(component)  # noqa: E731
   sub = lambda c: os.path.join(folder, c)  # noqa: E731
+  if cls == presets_lib.SANA_PIPELINE:
+    return _load_sana_folder(folder, pick, preset, meta, transformer_weights)
   vae_config, vae_params = _load_vae(sub("vae"), pick("vae"))
   scheduler_config = _load_scheduler(sub("scheduler"), cls)
   if cls == presets_lib.FLUX_PIPELINE:
-    transformer_config, transformer_params = load_flux_transformer(sub("transformer"), dtype=pick("transformer"),
-                                                                   param_dtype=pick("transformer"))
+    if transformer_weights:
+      transformer_config, transformer_params = load_flux_transformer(sub("transformer"), dtype=pick("transformer"),
+                                                                     param_dtype=pick("transformer"))
+    else:
+      transformer_config, transformer_params = read_flux_config(sub("transformer"), dtype=pick("transformer"),
+                                                                param_dtype=pick("transformer")), None
     if preset is not None and preset.guidance_embeds is not None \
         and preset.guidance_embeds != transformer_config.guidance_embeds:
       raise CheckpointError(f"{sub('transformer')}: preset {preset.name!r} needs a transformer "
@@ -168,6 +186,27 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype: Any = None,
                              t5_config=t5_config, t5_params=t5_params, vae_config=vae_config, vae_params=vae_params,
                              t5_tokenizer=tokenizers_lib.load_tokenizer(sub("tokenizer")),
                              scheduler_config=scheduler_config, defaults=defaults, name=_name(preset, meta, folder))
+
+
+def _load_sana_folder(folder: str, pick: Any, preset: Any, meta: Mapping[str, Any],
+                      transformer_weights: bool) -> SanaPipeline:
+  sub = lambda c: os.path.join(folder, c)  # noqa: E731
+  vae_dtype = jnp.dtype(jnp.bfloat16) if pick("vae") in (None, jnp.float16) else as_dtype(pick("vae"))
+  vae_config, vae_params = load_dc_ae(sub("vae"), dtype=vae_dtype)
+  scheduler_config = _load_scheduler(sub("scheduler"), presets_lib.SANA_PIPELINE)
+  t_dtype = jnp.dtype(jnp.bfloat16) if pick("transformer") is None else pick("transformer")
+  if transformer_weights:
+    transformer_config, transformer_params = load_sana_transformer(sub("transformer"), dtype=t_dtype)
+  else:
+    transformer_config, transformer_params = read_sana_config(sub("transformer"), dtype=t_dtype,
+                                                              param_dtype=t_dtype), None
+  text_config, text_params = load_gemma2_encoder(sub("text_encoder"), dtype=pick("text_encoder"))
+  native = transformer_config.sample_size * transformer_config.patch_size * vae_config.vae_scale_factor
+  defaults = _defaults(preset, meta, presets_lib.SANA_PIPELINE, None, native)
+  return SanaPipeline(transformer_config=transformer_config, transformer_params=transformer_params,
+                      text_encoder_config=text_config, text_encoder_params=text_params, vae_config=vae_config,
+                      vae_params=vae_params, tokenizer=tokenizers_lib.load_tokenizer(sub("tokenizer")),
+                      scheduler_config=scheduler_config, defaults=defaults, name=_name(preset, meta, folder))
 
 
 def _name(preset, meta: Mapping[str, Any], folder: str) -> str:
@@ -218,7 +257,7 @@ def _cast_like(params: Any, abstract: Any) -> Any:
 
 
 def build_tiny_pipeline(name: str, *, dtype: Any = None, seed: int = presets_lib.TINY_SEED) -> Pipeline:
-  """``flux-tiny`` / ``pixart-tiny`` in memory (float32 unless ``dtype`` is given)."""
+  """``flux-tiny`` / ``pixart-tiny`` / ``sana-tiny`` in memory (float32 unless ``dtype`` is given)."""
   tiny = _tiny(name, int(seed))
   preset = presets_lib.PIPELINE_PRESETS[name]
   d = None if dtype is None else as_dtype(dtype)
@@ -231,6 +270,14 @@ def build_tiny_pipeline(name: str, *, dtype: Any = None, seed: int = presets_lib
     config = dataclasses.replace(config, dtype=dtype_, param_dtype=dtype_)
     return config, _cast_like(params, abstract_fn(config))
 
+  if tiny.pipeline_class == presets_lib.SANA_PIPELINE:
+    transformer_config, transformer_params = retyped("transformer", abstract_sana_params)
+    text_config, text_params = retyped("text_encoder", abstract_gemma2_params)
+    vae_config, vae_params = retyped("vae", abstract_dc_ae_params, vae_d)
+    return SanaPipeline(transformer_config=transformer_config, transformer_params=transformer_params,
+                        text_encoder_config=text_config, text_encoder_params=text_params, vae_config=vae_config,
+                        vae_params=vae_params, tokenizer=tokenizers_lib.byte_level_gemma_tokenizer(),
+                        scheduler_config=tiny.scheduler, defaults=preset.defaults, name=name)
   vae_config, vae_params = retyped("vae", abstract_vae_params, vae_d)
   t5_key = "text_encoder_2" if tiny.pipeline_class == presets_lib.FLUX_PIPELINE else "text_encoder"
   t5_config, t5_params = retyped(t5_key, abstract_t5_params)
@@ -308,6 +355,8 @@ def _candidate_shapes(rules: Sequence[Rule], shapes: Sequence[tuple[int, ...]],
     (shape,), n = shapes, len(sources)
     if n == 1:
       cands = [shape, shape[::-1]] + ([(shape[3], shape[2], shape[0], shape[1])] if len(shape) == 4 else [])
+      if len(shape) == 2:   # a Dense kernel [I, O] made from a 1x1 conv weight [O, I, 1, 1]
+        cands.append((shape[1], shape[0], 1, 1))
       return [{sources[0]: c} for c in _dedupe(cands)]
     if len(shape) == 2 and shape[1] % n == 0:
       return [{s: (shape[1] // n, shape[0]) for s in sources}]
@@ -400,6 +449,14 @@ def pixart_transformer_config_json(config: PixArtConfig) -> dict[str, Any]:
           "caption_channels": config.caption_channels, "attention_type": "default"}
 
 
+def sana_transformer_config_json(config: SanaConfig) -> dict[str, Any]:
+  return {"_class_name": "SanaTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION, **config.to_diffusers()}
+
+
+def dc_ae_config_json(config: DCAEConfig) -> dict[str, Any]:
+  return {"_class_name": "AutoencoderDC", "_diffusers_version": DIFFUSERS_VERSION, **config.to_diffusers()}
+
+
 def t5_config_json(config: T5Config) -> dict[str, Any]:
   return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": config.vocab_size,
           "d_model": config.d_model, "d_kv": config.d_kv, "d_ff": config.d_ff, "num_layers": config.num_layers,
@@ -484,7 +541,7 @@ def save_pipeline(pipeline: Pipeline, folder: str | os.PathLike, *, overwrite: b
   to ``folder`` and renamed when complete.
 
   Args:
-    pipeline: a :class:`FluxPipeline` or :class:`PixArtSigmaPipeline`.
+    pipeline: a :class:`FluxPipeline`, :class:`PixArtSigmaPipeline` or :class:`SanaPipeline`.
     folder: destination.
     overwrite: replace an existing non-empty ``folder`` (refused otherwise).
     max_shard_bytes: safetensors shard size per component.
@@ -499,6 +556,8 @@ def save_pipeline(pipeline: Pipeline, folder: str | os.PathLike, *, overwrite: b
   configs = {"transformer": p.transformer_config, "vae": p.vae_config}
   if isinstance(p, FluxPipeline):
     configs.update(text_encoder=p.clip_config, text_encoder_2=p.t5_config)
+  elif isinstance(p, SanaPipeline):
+    configs.update(text_encoder=p.text_encoder_config)
   else:
     configs.update(text_encoder=p.t5_config)
   index: dict[str, Any] = {"_class_name": p.pipeline_class, "_diffusers_version": DIFFUSERS_VERSION,
@@ -506,10 +565,15 @@ def save_pipeline(pipeline: Pipeline, folder: str | os.PathLike, *, overwrite: b
                                           "dtypes": {k: jnp.dtype(c.dtype).name for k, c in configs.items()}}}
   with atomic_directory(folder) as tmp:
     sub = lambda c: os.path.join(tmp, c)  # noqa: E731
-    _save_component(sub("vae"), vae_mapping(p.vae_config), p.vae_params, vae_config_json(p.vae_config),
-                    "diffusion_pytorch_model", max_shard_bytes)
+    if isinstance(p, SanaPipeline):
+      _save_component(sub("vae"), dc_ae_mapping(p.vae_config), p.vae_params, dc_ae_config_json(p.vae_config),
+                      "diffusion_pytorch_model", max_shard_bytes)
+      index["vae"] = ["diffusers", "AutoencoderDC"]
+    else:
+      _save_component(sub("vae"), vae_mapping(p.vae_config), p.vae_params, vae_config_json(p.vae_config),
+                      "diffusion_pytorch_model", max_shard_bytes)
+      index["vae"] = ["diffusers", "AutoencoderKL"]
     _write_json(os.path.join(sub("scheduler"), "scheduler_config.json"), scheduler_config_json(p.scheduler_config))
-    index["vae"] = ["diffusers", "AutoencoderKL"]
     index["scheduler"] = ["diffusers", _SCHEDULER_CLASSES[type(p.scheduler_config)]]
     if isinstance(p, FluxPipeline):
       _save_component(sub("transformer"), flux_mapping(p.transformer_config), p.transformer_params,
@@ -533,7 +597,16 @@ def save_pipeline(pipeline: Pipeline, folder: str | os.PathLike, *, overwrite: b
       index.update(transformer=["diffusers", "PixArtTransformer2DModel"],
                    text_encoder=["transformers", "T5EncoderModel"],
                    tokenizer=["transformers", type(p.t5_tokenizer).__name__])
+    elif isinstance(p, SanaPipeline):
+      _save_component(sub("transformer"), sana_mapping(p.transformer_config), p.transformer_params,
+                      sana_transformer_config_json(p.transformer_config), "diffusion_pytorch_model", max_shard_bytes)
+      _save_component(sub("text_encoder"), gemma2_mapping(p.text_encoder_config), p.text_encoder_params,
+                      p.text_encoder_config.to_transformers(), "model", max_shard_bytes)
+      p.tokenizer.save_pretrained(sub("tokenizer"))
+      index.update(transformer=["diffusers", "SanaTransformer2DModel"], text_encoder=["transformers", "Gemma2Model"],
+                   tokenizer=["transformers", type(p.tokenizer).__name__])
     else:
-      raise TypeError(f"save_pipeline: expected a FluxPipeline or PixArtSigmaPipeline, got {type(pipeline).__name__}")
+      raise TypeError(f"save_pipeline: expected a FluxPipeline, PixArtSigmaPipeline or SanaPipeline, got "
+                      f"{type(pipeline).__name__}")
     _write_json(os.path.join(tmp, MODEL_INDEX), index)
   return folder

@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
-from typing import Iterator, Mapping
+import tempfile
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -118,6 +120,28 @@ class SafetensorsFile:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     buf = self._mmap[self._data_start + begin:self._data_start + end]
     return buf.view(dtype).reshape(shape)
+
+  def read(self, name: str) -> np.ndarray:
+    """Returns a private, writable copy of tensor ``name`` read with ``pread``.
+
+    Unlike :meth:`get`, no page of the file stays mapped afterwards, so a loader that converts
+    tensors one by one holds one copy of the model, not the file's pages as well.
+    """
+    if name not in self._entries:
+      raise KeyError(f"{self.path}: no tensor named {name!r}")
+    dtype, shape, begin, end = self._entries[name]
+    buf = bytearray(end - begin)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      done = 0
+      while done < len(buf):
+        chunk = os.preadv(fd, [memoryview(buf)[done:]], self._data_start + begin + done)
+        if chunk <= 0:
+          raise CheckpointError(f"{self.path}: tensor {name!r}: the file ended while reading (truncated?)")
+        done += chunk
+    finally:
+      os.close(fd)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 _INDEX_RE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
@@ -282,3 +306,63 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
       if a.dtype.byteorder == ">":
         a = a.byteswap().view(a.dtype.newbyteorder("<"))
       f.write(a.tobytes())
+
+
+class SafetensorsWriter:
+  """Writes a ``.safetensors`` file one tensor at a time, in bounded memory, atomically.
+
+  The tensors go to a temporary data file as they are added; :meth:`close` writes the header
+  (which needs every shape and offset) and the data into a second temporary file and renames it
+  onto ``path``. Use as a context manager: on an exception nothing is written to ``path``.
+  """
+
+  def __init__(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None):
+    self.path = os.fspath(path)
+    self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    parent = os.path.dirname(os.path.abspath(self.path))
+    os.makedirs(parent, exist_ok=True)
+    fd, self._data_path = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.data-", dir=parent)
+    self._data = os.fdopen(fd, "wb")
+    self._header: dict[str, object] = {}
+    self._offset = 0
+
+  def add(self, name: str, array: Any) -> None:
+    """Appends tensor ``name`` (numpy / jax / ml_dtypes array)."""
+    if name in self._header:
+      raise ValueError(f"{self.path}: tensor {name!r} added twice")
+    a = np.array(array, copy=None, order="C")
+    if a.dtype not in _NAMES:
+      raise TypeError(f"cannot save tensor {name!r}: dtype {a.dtype} has no safetensors name")
+    if a.dtype.byteorder == ">":
+      a = a.byteswap().view(a.dtype.newbyteorder("<"))
+    self._header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                          "data_offsets": [self._offset, self._offset + a.nbytes]}
+    self._data.write(a.tobytes())
+    self._offset += a.nbytes
+
+  def close(self) -> None:
+    self._data.close()
+    header = dict(self._header)
+    if self.metadata:
+      header = {"__metadata__": self.metadata, **header}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with atomic_open(self.path, "wb") as f, open(self._data_path, "rb") as data:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      shutil.copyfileobj(data, f, 64 << 20)
+    os.remove(self._data_path)
+
+  def abort(self) -> None:
+    self._data.close()
+    if os.path.exists(self._data_path):
+      os.remove(self._data_path)
+
+  def __enter__(self) -> "SafetensorsWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
