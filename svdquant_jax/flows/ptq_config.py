@@ -8,7 +8,8 @@ and any number of method parts. ``"+"`` joins parts into one method name in base
 Model parts (deepcompressor's ``model/*.yaml``): ``flux-tiny`` (the built-in default),
 ``pixart-tiny``, ``flux-dev``, ``flux-schnell``, ``pixart-sigma``.
 Method parts (``svdquant/*.yaml`` and the baselines): ``int4``, ``nvfp4``, ``w8a8``, ``fast``,
-``gptq``; ``rtn-int4``, ``rtn-nvfp4``, ``rtn-w8a8``, ``w4a16``, ``nf4``.
+``gptq``; ``refine`` and ``int4-refined`` (SVDQuant INT4 + learned refinement, not in
+deepcompressor); ``rtn-int4``, ``rtn-nvfp4``, ``rtn-w8a8``, ``w4a16``, ``nf4``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.num_prompts = 8
   c.eval.baselines = ("rtn-int4", "nf4", "rtn-w8a8")   # also quantized and compared in the table
   c.eval.block_errors = True      # also report the per-block output error on the calibration samples
+  add_metric_fields(c.eval)
 
   c.calib = ml_collections.ConfigDict()
   c.calib.prompts_path = ""       # "": the built-in prompt list
@@ -76,7 +78,39 @@ def base() -> ml_collections.ConfigDict:
   c.quant.gptq.block_size = 128
   c.quant.gptq.num_inv_tries = 250
   c.quant.weight_only_adaln = True    # adaLN linears W4A16 INT4 g64 (FLUX)
+  c.quant.refine = ml_collections.ConfigDict()   # learned refinement after the search / GPTQ (quant/refine.py)
+  c.quant.refine.steps = 0        # Adam steps per layer group (0: off, the exact deepcompressor pipeline)
+  c.quant.refine.lr = 1e-2        # peak learning rate of the relative parameters, cosine decay
+  c.quant.refine.pieces = ("lowrank", "smooth")   # which pieces move: the branch A, B and/or log λ
+  c.quant.refine.tokens = 0       # calibration tokens per step (0: all, full-batch)
+  c.quant.refine.seed = 0         # seed of the token draws
   return c
+
+
+def add_metric_fields(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The evaluation step's fields (shared by the PTQ flow's and the evaluate command's ``eval``).
+
+  Weights: a path, ``""`` (off) or ``"auto"`` (the file of that name under
+  ``$XDG_CACHE_HOME/svdquant_jax/weights/`` when it exists; see docs/metrics.md). A metric without
+  its weights or inputs is reported as not computed, with the reason, under the results table.
+  """
+  section.metrics = "all"                 # all, or some of psnr,ssim,lpips,fid_ref,fid,clip_score,clip_iqa,image_reward
+  section.lpips_weights = "auto"          # LPIPS (launch/convert_lpips.py); auto: lpips_<net>.safetensors
+  section.lpips_net = "alex"              # alex (deepcompressor's) | vgg
+  section.inception_weights = "auto"      # FID (launch/convert_inception.py); auto: inception_fid.safetensors
+  section.clip_model = "auto"             # transformers CLIPModel folder; auto: clip-vit-large-patch14
+  section.clip_tokenizer = ""             # "": the CLIP model folder
+  section.image_reward_weights = "auto"   # launch/convert_image_reward.py; auto: image_reward.safetensors
+  section.image_reward_tokenizer = "auto" # bert-base-uncased tokenizer folder; auto: bert-base-uncased
+  section.fid_min_images = 2048           # FID only from at least this many images (2048: the feature dimension)
+  section.batch_size = 16                 # images per metric batch over all devices
+  section.data_parallel = True            # shard generation and metrics over all local devices
+  section.feature_cache = "auto"          # auto ($XDG_CACHE_HOME/svdquant_jax/features), a folder, or "" (off)
+  section.contact_sheet_images = 8        # images on each method's comparison sheet (0: none)
+  section.benchmark = ""                  # prompt file: MJHQ-30K meta_data.json, sDCI.yaml, or a prompt list
+  section.benchmark_images = ""           # real images: <root>/<category>/<name>.jpg (MJHQ), <root>/<name>.jpg
+  section.benchmark_layout = "auto"       # auto | mjhq | sdci | prompts
+  return section
 
 
 # ----------------------------------------------------------------------------- model parts
@@ -135,6 +169,20 @@ def _gptq(c: ml_collections.ConfigDict) -> None:
   c.quant.name = c.quant.name + "-gptq"
 
 
+REFINE_STEPS = 200
+
+
+def _refine(c: ml_collections.ConfigDict) -> None:
+  """Learned refinement of λ and the branch after the search (and GPTQ); see quant/refine.py."""
+  c.quant.refine.steps = REFINE_STEPS
+  c.quant.name = c.quant.name + "-refined"
+
+
+def _int4_refined(c: ml_collections.ConfigDict) -> None:
+  METHOD_PARTS["int4"](c)
+  _refine(c)
+
+
 METHOD_PARTS: dict[str, Part] = {
     # SVDQuant (deepcompressor svdquant/int4.yaml, nvfp4.yaml): smoothing + rank-32 branch.
     "int4": _method("svdq-int4", "int4", rank=32, smooth=True, shift=True),
@@ -143,6 +191,8 @@ METHOD_PARTS: dict[str, Part] = {
     "w8a8": _method("svdq-w8a8", "w8a8", rank=16, smooth=True, shift=False),
     "fast": _fast,
     "gptq": _gptq,
+    "refine": _refine,
+    "int4-refined": _int4_refined,
     # Baselines: round to nearest without smoothing or branch, and weight-only formats.
     "rtn-int4": _method("rtn-int4", "int4", rank=0, smooth=False, shift=True),
     "rtn-nvfp4": _method("rtn-nvfp4", "nvfp4", rank=0, smooth=False, shift=False),
