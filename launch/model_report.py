@@ -1,6 +1,6 @@
 """Every method on the tiny models, as one table (:func:`svdquant_jax.flows.model_report.run`).
 
-    python launch/model_report.py                       # flux-tiny and pixart-tiny, all methods
+    python launch/model_report.py                       # flux-tiny, pixart-tiny and sana-tiny, all methods
     python launch/model_report.py --models=flux-tiny --methods=int4,rtn-int4 --num_prompts=4
 
 Writes ``<output_root>/model_report.md`` (PSNR, SSIM, last-block error, size, time per model and
@@ -12,7 +12,7 @@ from absl import flags
 from svdquant_jax.flows import model_report
 from svdquant_jax.utils import cli
 
-_MODELS = flags.DEFINE_list("models", ["flux-tiny", "pixart-tiny"], "Model parts (svdquant_jax/flows/ptq_config.py).")
+_MODELS = flags.DEFINE_list("models", ["flux-tiny", "pixart-tiny", "sana-tiny"], "Model parts (svdquant_jax/flows/ptq_config.py).")
 _METHODS = flags.DEFINE_list("methods", list(model_report.ALL_METHODS),
                              "Method parts (svdquant_jax/flows/ptq_config.py); join parts with '+' (int4+gptq).")
 _OUTPUT_ROOT = flags.DEFINE_string("output_root", "runs", "Where the runs and the report go.")

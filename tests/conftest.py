@@ -11,6 +11,12 @@ import os
 
 import pytest
 
+import torch_refs
+
+# peft (a test-only reference) imports torchvision, whose CPU wheel lacks operator schemas that
+# transformers' import chain needs: define them before any test module imports diffusers.
+torch_refs.import_torchvision()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache_in_tmp(tmp_path_factory):

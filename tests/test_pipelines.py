@@ -405,7 +405,8 @@ def test_pack_unpack_matches_diffusers_layout():
 def test_presets_table():
   assert {n: (p.defaults.num_steps, p.defaults.guidance, p.defaults.height) for n, p in
           presets.PIPELINE_PRESETS.items() if not p.builtin} == {
-              "flux-dev": (50, 3.5, 1024), "flux-schnell": (4, 0.0, 1024), "pixart-sigma": (20, 4.5, 1024)}
+              "flux-dev": (50, 3.5, 1024), "flux-schnell": (4, 0.0, 1024), "pixart-sigma": (20, 4.5, 1024),
+              "sana-1.6b": (20, 4.5, 1024)}
   assert presets.GENERATION_DEFAULTS["flux-dev"].max_sequence_length == 512
   assert presets.GENERATION_DEFAULTS["flux-schnell"].max_sequence_length == 256
   assert presets.GENERATION_DEFAULTS["pixart-sigma"].max_sequence_length == 300

@@ -147,7 +147,7 @@ def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationS
 def default_config() -> ml_collections.ConfigDict:
   """The generate command's settings; ``None`` fields take the model's defaults."""
   c = ml_collections.ConfigDict()
-  c.model = "flux-tiny"          # preset name (flux-dev, flux-schnell, pixart-sigma, flux-tiny, pixart-tiny) or folder
+  c.model = "flux-tiny"          # preset name (flux-dev, flux-schnell, pixart-sigma, sana-1.6b, flux-tiny, pixart-tiny, sana-tiny) or folder
   c.model_path = ""              # folder with the weights of a real-size preset
   c.quantized_model = ""         # a quantized transformer saved by the PTQ flow (runs/<model>/<protocol>/<method>/model)
   c.nunchaku = ""                # a Nunchaku FLUX.1 checkpoint (svdq-int4_r32-*.safetensors) as the transformer

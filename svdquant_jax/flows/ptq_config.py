@@ -80,7 +80,7 @@ def base() -> ml_collections.ConfigDict:
   c.quant.weight_only_adaln = True    # adaLN linears W4A16 INT4 g64 (FLUX)
   c.quant.refine = ml_collections.ConfigDict()   # learned refinement after the search / GPTQ (quant/refine.py)
   c.quant.refine.steps = 0        # Adam steps per layer group (0: off, the exact deepcompressor pipeline)
-  c.quant.refine.lr = 1e-2        # peak learning rate of the relative parameters, cosine decay
+  c.quant.refine.lr = 3e-3        # peak learning rate of the relative parameters, cosine decay
   c.quant.refine.pieces = ("lowrank", "smooth")   # which pieces move: the branch A, B and/or log λ
   c.quant.refine.tokens = 0       # calibration tokens per step (0: all, full-batch)
   c.quant.refine.seed = 0         # seed of the token draws
@@ -133,12 +133,15 @@ _REAL_MAX_TOKENS = 131072
 MODEL_PARTS: dict[str, Part] = {
     "flux-tiny": _model("flux-tiny", eval_prompts=8, calib_prompts=16, samples=32, batch_size=8),
     "pixart-tiny": _model("pixart-tiny", eval_prompts=8, calib_prompts=16, samples=32, batch_size=8),
+    "sana-tiny": _model("sana-tiny", eval_prompts=8, calib_prompts=16, samples=32, batch_size=8),
     "flux-dev": _model("flux-dev", eval_prompts=1024, calib_prompts=128, samples=128, batch_size=16,
                        max_tokens=_REAL_MAX_TOKENS),
     "flux-schnell": _model("flux-schnell", eval_prompts=1024, calib_prompts=128, samples=128, batch_size=32,
                            max_tokens=_REAL_MAX_TOKENS),
     "pixart-sigma": _model("pixart-sigma", eval_prompts=1024, calib_prompts=128, samples=128, batch_size=32,
                            max_tokens=_REAL_MAX_TOKENS),
+    "sana-1.6b": _model("sana-1.6b", eval_prompts=1024, calib_prompts=128, samples=128, batch_size=32,
+                        max_tokens=_REAL_MAX_TOKENS),
 }
 
 

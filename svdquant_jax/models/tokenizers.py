@@ -1,12 +1,14 @@
 """Tokenizers: offline loading of a checkpoint's tokenizer, batch tokenization, and built-in
 byte-level tokenizers for the tiny model presets.
 
-* :func:`load_tokenizer` loads ``<checkpoint>/tokenizer`` (CLIP) or ``<checkpoint>/tokenizer_2``
-  (T5) with transformers' ``AutoTokenizer`` and ``local_files_only=True`` (no hub access).
+* :func:`load_tokenizer` loads ``<checkpoint>/tokenizer`` (CLIP; PixArt's T5; SANA's Gemma) or
+  ``<checkpoint>/tokenizer_2`` (FLUX's T5) with transformers' ``AutoTokenizer`` and
+  ``local_files_only=True`` (no hub access).
 * :func:`tokenize` pads and truncates to a fixed length, as the diffusers pipelines do, and
   logs (absl) the part of each prompt that truncation removed.
-* :func:`byte_level_t5_tokenizer` / :func:`byte_level_clip_tokenizer` are deterministic
-  in-memory ``transformers.PreTrainedTokenizerFast`` objects whose vocabulary is every UTF-8
+* :func:`byte_level_t5_tokenizer` / :func:`byte_level_clip_tokenizer` /
+  :func:`byte_level_gemma_tokenizer` are deterministic in-memory
+  ``transformers.PreTrainedTokenizerFast`` objects whose vocabulary is every UTF-8
   byte plus the special tokens each model needs. They stand in for the real (hub-only)
   vocabularies in tests and tiny pipelines, and ``save_pretrained`` / :func:`load_tokenizer`
   round-trip them.
@@ -18,6 +20,8 @@ byte-level tokenizers for the tiny model presets.
                byte b -> ``b + 3`` (259 ids)               ``+ [1]``
   CLIP         byte b -> ``b``, ``<|startoftext|>`` 256,   ``[256] + list(utf8(s))``
                ``<|endoftext|>`` 257 (258 ids; eos = pad)  ``+ [257]``
+  Gemma        ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2,      ``[2] + [b + 4 for b in``
+               ``<unk>`` 3, byte b -> ``b + 4`` (260 ids)  ``utf8(s)]``
   ===========  ==========================================  ============================
 
   The CLIP end token has the largest id, as in the real CLIP vocabulary, so both pooling rules
@@ -44,6 +48,8 @@ T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 T5_BYTE_OFFSET = 3
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_BOS_ID, CLIP_EOS_ID = 256, 257
+GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+GEMMA_BYTE_OFFSET = 4
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Any:
@@ -179,4 +185,16 @@ def byte_level_clip_tokenizer(model_max_length: int = 77) -> "transformers.PreTr
   tok = _byte_level_tokenizer(vocab, [CLIP_BOS, CLIP_EOS], f"{CLIP_BOS} $A {CLIP_EOS}", CLIP_EOS)
   return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS,
                                  unk_token=CLIP_EOS, model_max_length=model_max_length, padding_side="right",
+                                 truncation_side="right")
+
+
+def byte_level_gemma_tokenizer(model_max_length: int = 8192) -> "transformers.PreTrainedTokenizerFast":
+  """Gemma-style byte-level tokenizer: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, byte b -> b + 4;
+  prepends ``<bos>`` (as Gemma's tokenizer), pads on the right."""
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  vocab = {GEMMA_PAD: 0, GEMMA_EOS: 1, GEMMA_BOS: 2, GEMMA_UNK: 3}
+  vocab.update({char: b + GEMMA_BYTE_OFFSET for b, char in _byte_to_unicode().items()})
+  tok = _byte_level_tokenizer(vocab, [GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK], f"{GEMMA_BOS} $A", GEMMA_UNK)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=GEMMA_PAD, eos_token=GEMMA_EOS, bos_token=GEMMA_BOS,
+                                 unk_token=GEMMA_UNK, model_max_length=model_max_length, padding_side="right",
                                  truncation_side="right")

@@ -12,17 +12,22 @@ flux-schnell   FluxPipeline             4       0     1024x1024      256  a loca
 pixart-sigma   PixArtSigmaPipeline     20       4.5   1024x1024      300  a local folder (path=)
 flux-tiny      FluxPipeline             4       3.5    128x128       128  built in memory (seeded)
 pixart-tiny    PixArtSigmaPipeline      4       4.5    128x128       128  built in memory (seeded)
+sana-1.6b      SanaPipeline            20       4.5   1024x1024      300  a local folder (path=)
+sana-tiny      SanaPipeline             4       4.5    256x256       128  built in memory (seeded)
 =============  ===================  =====  ========  ==========  =======  =======================
 
 The tiny presets have the real architectures (FLUX.1-dev with guidance embedding and dynamic
-shift; PixArt-Sigma with learned sigma and a padding mask) at a small width, byte-level
-tokenizers (:mod:`svdquant_jax.models.tokenizers`) and the tiny VAEs (8x, 16 / 4 latent
-channels). They run in float32 by default (CPU smoke runs; pass a dtype to mirror the real
-precision). One difference from the real model, on purpose: ``pixart-tiny``'s scheduler uses
-``prediction_type="v_prediction"`` instead of ``"epsilon"``. DPM-Solver turns a noise prediction
-into a data prediction ``x0 = (x - sigma_t eps) / alpha_t``, which amplifies any error of an
-*untrained* noise predictor by ``1 / alpha_t`` (156 at t = 999) and makes the latents diverge;
-with v-prediction ``x0 = alpha_t x - sigma_t v`` stays bounded. The epsilon path itself is what
+shift; PixArt-Sigma with learned sigma and a padding mask; SANA with Gemma-2, the instruction
+prefix, the 32x DC-AE and the flow DPM-Solver) at a small width, byte-level tokenizers
+(:mod:`svdquant_jax.models.tokenizers`) and the tiny autoencoders (8x with 16 / 4 latent
+channels; SANA: 32x with 32). The "T5 len" column is the text length of every model's encoder
+(SANA: Gemma-2, after the instruction prefix is dropped). They run in float32 by default (CPU
+smoke runs; pass a dtype to mirror the real precision). One difference from the real model, on
+purpose: ``pixart-tiny``'s scheduler uses ``prediction_type="v_prediction"`` instead of
+``"epsilon"``. DPM-Solver turns a noise prediction into a data prediction
+``x0 = (x - sigma_t eps) / alpha_t``, which amplifies any error of an *untrained* noise predictor
+by ``1 / alpha_t`` (156 at t = 999) and makes the latents diverge; with v-prediction
+``x0 = alpha_t x - sigma_t v`` stays bounded. The epsilon path itself is what
 the real preset uses and what the pipeline parity tests check against diffusers.
 
 Tiny weights (:func:`tiny_components`): deterministic from a seed, created in memory, never
@@ -38,8 +43,10 @@ sigma 0.6). Activation outliers are planted where trained DiTs have them: a few 
 get large adaLN shift / scale biases (so the inputs of ``to_qkv``, ``add_qkv_proj``, ``fc1``,
 ``proj_mlp`` carry large per-channel values), a few value channels get large biases (inputs of
 ``to_out`` / ``to_add_out`` / ``proj_out_attn``), and a few MLP hidden units get large ``fc1``
-biases (inputs of ``fc2`` / ``proj_out_mlp`` after the GELU). The tiny VAE decoder's output layer
-is halved (:func:`_tiny_vae_params`) so that the images stay in range.
+biases (inputs of ``fc2`` / ``proj_out_mlp`` after the GELU); SANA has no q/k/v biases, so its
+value outliers are planted in the cross-attention ``to_kv`` bias and its MLP outliers in the value
+half of the GLUMBConv ``conv_inverted`` bias (inputs of ``conv_point`` after the GLU). The tiny VAE
+decoder's output layer is halved (:func:`_tiny_vae_params`) so that the images stay in range.
 
 The measured effect (singular-value spikes, per-channel absmax ratios of the layer inputs, image
 statistics, each against the plain init) and the commands that reproduce it are in
@@ -59,8 +66,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.models.clip import CLIPTextConfig, abstract_clip_params
+from svdquant_jax.models.dc_ae import DCAEConfig, dc_ae_preset, init_dc_ae_params
 from svdquant_jax.models.flux import FLUX_PRESETS, FluxConfig, init_flux_params
+from svdquant_jax.models.gemma2 import GEMMA2_PRESETS, init_gemma2_params
 from svdquant_jax.models.pixart import PIXART_PRESETS, PixArtConfig, init_pixart_params
+from svdquant_jax.models.sana import SANA_PRESETS, SanaConfig, init_sana_params
 from svdquant_jax.models.t5 import T5Config, abstract_t5_params
 from svdquant_jax.models.vae import VAEConfig, init_vae_params, vae_preset
 from svdquant_jax.pipelines import schedulers
@@ -68,7 +78,8 @@ from svdquant_jax.utils import trees
 
 FLUX_PIPELINE = "FluxPipeline"
 PIXART_SIGMA_PIPELINE = "PixArtSigmaPipeline"
-PIPELINE_CLASSES = (FLUX_PIPELINE, PIXART_SIGMA_PIPELINE)
+SANA_PIPELINE = "SanaPipeline"
+PIPELINE_CLASSES = (FLUX_PIPELINE, PIXART_SIGMA_PIPELINE, SANA_PIPELINE)
 TINY_SEED = 0
 
 
@@ -117,7 +128,7 @@ class PipelinePreset:
 
   Attributes:
     name: the preset name.
-    pipeline_class: ``"FluxPipeline"`` or ``"PixArtSigmaPipeline"`` (diffusers' name).
+    pipeline_class: ``"FluxPipeline"``, ``"PixArtSigmaPipeline"`` or ``"SanaPipeline"`` (diffusers' name).
     defaults: generation defaults.
     builtin: weights are created in memory by :func:`tiny_components` (else they are read from
       a local diffusers folder).
@@ -139,6 +150,8 @@ GENERATION_DEFAULTS: dict[str, GenerationDefaults] = {
                                        max_sequence_length=300),
     "flux-tiny": GenerationDefaults(num_steps=4, guidance=3.5, height=128, width=128, max_sequence_length=128),
     "pixart-tiny": GenerationDefaults(num_steps=4, guidance=4.5, height=128, width=128, max_sequence_length=128),
+    "sana-1.6b": GenerationDefaults(num_steps=20, guidance=4.5, height=1024, width=1024, max_sequence_length=300),
+    "sana-tiny": GenerationDefaults(num_steps=4, guidance=4.5, height=256, width=256, max_sequence_length=128),
 }
 
 PIPELINE_PRESETS: dict[str, PipelinePreset] = {
@@ -152,6 +165,12 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                                 "built in (svdquant_jax.pipelines.presets.tiny_components)", guidance_embeds=True),
     "pixart-tiny": PipelinePreset("pixart-tiny", PIXART_SIGMA_PIPELINE, GENERATION_DEFAULTS["pixart-tiny"], True,
                                   "built in (svdquant_jax.pipelines.presets.tiny_components)"),
+    # deepcompressor quantizes the "_ch5632" conversion, whose GLUMBConv hidden width is padded from
+    # 5600 to 5632 (a multiple of 64, as the INT4 activation groups need); both load.
+    "sana-1.6b": PipelinePreset("sana-1.6b", SANA_PIPELINE, GENERATION_DEFAULTS["sana-1.6b"], False,
+                                "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"),
+    "sana-tiny": PipelinePreset("sana-tiny", SANA_PIPELINE, GENERATION_DEFAULTS["sana-tiny"], True,
+                                "built in (svdquant_jax.pipelines.presets.tiny_components)"),
 }
 
 
@@ -165,11 +184,13 @@ def get_preset(name: str) -> PipelinePreset:
 def inferred_defaults(pipeline_class: str, guidance_embeds: bool | None = None,
                       height: int = 1024, width: int = 1024) -> GenerationDefaults:
   """Defaults for a diffusers folder that records none: dev-like (guidance embedding) or
-  schnell-like FLUX, PixArt-Sigma; the resolution is the model's native one."""
+  schnell-like FLUX, PixArt-Sigma, SANA; the resolution is the model's native one."""
   if pipeline_class == FLUX_PIPELINE:
     base = GENERATION_DEFAULTS["flux-dev" if guidance_embeds else "flux-schnell"]
   elif pipeline_class == PIXART_SIGMA_PIPELINE:
     base = GENERATION_DEFAULTS["pixart-sigma"]
+  elif pipeline_class == SANA_PIPELINE:
+    base = GENERATION_DEFAULTS["sana-1.6b"]
   else:
     raise ValueError(f"pipeline_class={pipeline_class!r}; expected one of {PIPELINE_CLASSES}")
   return dataclasses.replace(base, height=int(height), width=int(width))
@@ -303,6 +324,29 @@ def structure_pixart_params(config: PixArtConfig, params: Mapping[str, Any], see
   return trees.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
+def structure_sana_params(config: SanaConfig, params: Mapping[str, Any], seed: int) -> dict[str, Any]:
+  """The same structure for SANA: shift / scale rows of each block's ``scale_shift_table``, the
+  cross-attention value bias (``attn2/to_kv``) and the value half of the GLUMBConv up-projection
+  bias (``ff/conv_inverted``: after SiLU, the depthwise conv and the GLU these reach ``conv_point``)."""
+  flat = {k: np.asarray(v, np.float32) for k, v in trees.flatten(params).items()}
+  dim, hidden, cross = config.inner_dim, config.ffn_hidden_dim, config.cross_inner_dim
+  rng = _rng(seed, "sana-outliers")
+  hidden_outliers = _outlier_channels(rng, dim, max(2, dim // 32))
+  for path in sorted(flat):
+    if path.endswith("/kernel") and flat[path].ndim == 2:
+      flat[path] = structured_kernel(flat[path], _rng(seed, path))
+  for i in range(config.num_layers):
+    b = f"transformer_blocks_{i}"
+    table = flat[f"{b}/scale_shift_table"].reshape(-1)
+    flat[f"{b}/scale_shift_table"] = _plant_modulation(table, dim, (0, 3), (1, 4), hidden_outliers,
+                                                       rng).reshape(6, dim)
+    flat[f"{b}/attn2/to_kv/bias"] = _plant(flat[f"{b}/attn2/to_kv/bias"], cross, cross, max(2, cross // 64),
+                                           _VALUE_OUTLIER, rng)
+    flat[f"{b}/ff/conv_inverted/bias"] = _plant(flat[f"{b}/ff/conv_inverted/bias"], 0, hidden, max(2, hidden // 64),
+                                                _MLP_OUTLIER, rng, signed=False)
+  return trees.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
 def init_text_encoder_params(abstract: Mapping[str, Any], seed: int) -> dict[str, Any]:
   """Seeded params for a text encoder's abstract tree (each leaf from ``(seed, crc32(path))``).
 
@@ -337,13 +381,24 @@ def _tiny_vae_params(config: VAEConfig, seed: int) -> dict[str, Any]:
   return {**params, "decoder": {**params["decoder"], "conv_out": conv_out}}
 
 
+def _tiny_dc_ae_params(config: DCAEConfig, seed: int) -> dict[str, Any]:
+  """``init_dc_ae_params`` with the decoder output layer scaled by 0.5 and unbiased, as
+  :func:`_tiny_vae_params` (the decoder ends in an RMS norm and a ReLU, so its output scale does
+  not depend on the latents)."""
+  params = init_dc_ae_params(config, seed)
+  conv_out = dict(params["decoder"]["conv_out"])
+  conv_out["kernel"] = conv_out["kernel"] * 0.5
+  conv_out["bias"] = jnp.zeros_like(conv_out["bias"])
+  return {**params, "decoder": {**params["decoder"], "conv_out": conv_out}}
+
+
 @dataclasses.dataclass
 class TinyComponents:
   """Configs and float32 params of a tiny pipeline (component names as in diffusers).
 
-  ``components`` maps ``"transformer"``, ``"vae"``, ``"text_encoder"`` (FLUX: CLIP; PixArt: T5)
-  and, for FLUX, ``"text_encoder_2"`` (T5) to ``(config, params)``; ``scheduler`` is the
-  scheduler config.
+  ``components`` maps ``"transformer"``, ``"vae"``, ``"text_encoder"`` (FLUX: CLIP; PixArt: T5;
+  SANA: Gemma-2) and, for FLUX, ``"text_encoder_2"`` (T5) to ``(config, params)``; ``scheduler``
+  is the scheduler config.
   """
   pipeline_class: str
   components: dict[str, tuple[Any, dict[str, Any]]]
@@ -351,7 +406,8 @@ class TinyComponents:
 
 
 def tiny_components(name: str, seed: int = TINY_SEED) -> TinyComponents:
-  """Builds the configs and deterministic params of ``"flux-tiny"`` or ``"pixart-tiny"`` (float32).
+  """Builds the configs and deterministic params of ``"flux-tiny"``, ``"pixart-tiny"`` or ``"sana-tiny"``
+  (float32).
 
   Same name and seed: bit-identical params. Tokenizers are the byte-level ones of
   :mod:`svdquant_jax.models.tokenizers` (built by the loader).
@@ -377,5 +433,15 @@ def tiny_components(name: str, seed: int = TINY_SEED) -> TinyComponents:
         "text_encoder": (TINY_PIXART_T5, init_text_encoder_params(abstract_t5_params(TINY_PIXART_T5), seed + 2)),
         "vae": (vae_config, _tiny_vae_params(vae_config, seed + 3)),
     }, TINY_PIXART_SCHEDULER)
+  if name == "sana-tiny":
+    config = SANA_PRESETS["sana-tiny"].replace(**_F32)
+    transformer = structure_sana_params(config, init_sana_params(config, seed), seed)
+    gemma = dataclasses.replace(GEMMA2_PRESETS["gemma2-tiny"], **_F32)
+    vae_config = dc_ae_preset("dc-ae-tiny", **_F32)
+    return TinyComponents(SANA_PIPELINE, {
+        "transformer": (config, transformer),
+        "text_encoder": (gemma, init_gemma2_params(gemma, seed + 2)),
+        "vae": (vae_config, _tiny_dc_ae_params(vae_config, seed + 3)),
+    }, schedulers.SANA_SCHEDULER)
   raise ValueError(f"{name!r} is not a built-in tiny preset; built-in: "
                    f"{sorted(n for n, p in PIPELINE_PRESETS.items() if p.builtin)}")

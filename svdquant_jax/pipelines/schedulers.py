@@ -1,4 +1,5 @@
-"""Samplers as pure functions: flow-matching Euler (FLUX) and DPM-Solver++ 2M (PixArt-Sigma).
+"""Samplers as pure functions: flow-matching Euler (FLUX) and DPM-Solver++ 2M (PixArt-Sigma; with
+flow sigmas and flow predictions, SANA's flow-matching DPM-Solver).
 
 Schedules (sigmas, timesteps) are computed once on the host with numpy, in float32 where
 diffusers computes in float32, following ``FlowMatchEulerDiscreteScheduler`` (as driven by
@@ -204,12 +205,19 @@ class DPMSolverConfig:
   """The options of diffusers' ``DPMSolverMultistepScheduler`` implemented here.
 
   Implemented: ``beta_schedule`` linear / scaled_linear, ``prediction_type`` epsilon /
-  v_prediction / sample, ``algorithm_type`` dpmsolver++ only, ``solver_order`` 1 or 2,
-  ``solver_type`` midpoint / heun, ``lower_order_final``, ``euler_at_final``,
+  v_prediction / sample / flow_prediction, ``algorithm_type`` dpmsolver++ only, ``solver_order``
+  1 or 2, ``solver_type`` midpoint / heun, ``lower_order_final``, ``euler_at_final``,
   ``final_sigmas_type`` zero / sigma_min, ``timestep_spacing`` linspace / leading / trailing,
-  ``steps_offset``. Not implemented (refused by ``from_diffusers``): trained betas,
-  thresholding, Karras/exponential/beta/Lu/flow sigmas, clipped lambdas, learned variance,
-  zero-terminal-SNR rescaling, dynamic shifting, the SDE and non-++ variants, order 3.
+  ``steps_offset``, and flow sigmas (``use_flow_sigmas`` with ``flow_shift``: SANA's
+  flow-matching DPM-Solver, see :func:`dpm_timesteps`). Not implemented (refused by
+  ``from_diffusers``): trained betas, thresholding, Karras/exponential/beta/Lu sigmas, clipped
+  lambdas, learned variance, zero-terminal-SNR rescaling, dynamic shifting, the SDE and non-++
+  variants, order 3.
+
+  With flow sigmas, ``sigma`` is the flow time: ``x_sigma = (1 - sigma) x0 + sigma noise``, i.e.
+  ``alpha_t = 1 - sigma``, ``sigma_t = sigma`` in the solver, and a ``flow_prediction`` output
+  ``v`` gives ``x0 = x - sigma v``. Flow sigmas need ``prediction_type="flow_prediction"`` and
+  flow predictions need flow sigmas (diffusers accepts the other pairs but they are not models).
   """
   num_train_timesteps: int = 1000
   beta_start: float = 0.0001
@@ -224,11 +232,13 @@ class DPMSolverConfig:
   final_sigmas_type: str = "zero"
   timestep_spacing: str = "linspace"
   steps_offset: int = 0
+  use_flow_sigmas: bool = False
+  flow_shift: float = 1.0
 
   def __post_init__(self):
     _check_steps(self.num_train_timesteps, "num_train_timesteps")
     _check_choice("beta_schedule", self.beta_schedule, ("linear", "scaled_linear"))
-    _check_choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
+    _check_choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample", "flow_prediction"))
     _check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
     _check_choice("solver_order", self.solver_order, (1, 2))
     _check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
@@ -239,17 +249,26 @@ class DPMSolverConfig:
           f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
     if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int):
       raise SchedulerConfigError(f"steps_offset must be an int, got {self.steps_offset!r}")
+    if not isinstance(self.use_flow_sigmas, bool):
+      raise SchedulerConfigError(f"use_flow_sigmas must be a bool, got {self.use_flow_sigmas!r}")
+    if self.use_flow_sigmas != (self.prediction_type == "flow_prediction"):
+      raise SchedulerConfigError(f"use_flow_sigmas={self.use_flow_sigmas} with prediction_type="
+                                 f"{self.prediction_type!r}: flow sigmas go with flow_prediction only")
+    if isinstance(self.flow_shift, bool) or not isinstance(self.flow_shift, (int, float)) or not self.flow_shift > 0:
+      raise SchedulerConfigError(f"flow_shift must be a positive number, got {self.flow_shift!r}")
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any]) -> "DPMSolverConfig":
     """From a ``DPMSolverMultistepScheduler`` config dict; unimplemented options raise."""
     fixed = {"trained_betas": None, "thresholding": False, "use_karras_sigmas": False,
              "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-             "use_flow_sigmas": False, "lambda_min_clipped": -math.inf, "variance_type": None,
+             "lambda_min_clipped": -math.inf, "variance_type": None,
              "rescale_betas_zero_snr": False, "use_dynamic_shifting": False}
-    # Only read by thresholding, flow sigmas and dynamic shifting, all refused above.
-    unused = frozenset({"dynamic_thresholding_ratio", "sample_max_value", "flow_shift",
-                        "time_shift_type"})
+    # Only read by thresholding and dynamic shifting, both refused above.
+    unused = frozenset({"dynamic_thresholding_ratio", "sample_max_value", "time_shift_type"})
+    config = dict(config)
+    if "flow_shift" in config and not config.get("use_flow_sigmas", False):
+      config.pop("flow_shift")   # read only with flow sigmas
     return _parse_diffusers(cls, config, "DPMSolverMultistepScheduler", fixed, unused)
 
 
@@ -259,6 +278,9 @@ class DPMSolverConfig:
 # epsilon, dpmsolver++, order 2, midpoint, lower_order_final, final sigma zero, "linspace"
 # spacing (steps_offset 0, which linspace ignores anyway).
 PIXART_SIGMA_SCHEDULER = DPMSolverConfig()
+# SANA (Efficient-Large-Model/Sana_1600M_1024px*_diffusers scheduler/scheduler_config.json): the
+# defaults above with flow sigmas, flow_shift 3 and flow predictions (deepcompressor's "flowdpm").
+SANA_SCHEDULER = DPMSolverConfig(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 
 
 def _alphas_cumprod(config: DPMSolverConfig) -> np.ndarray:
@@ -284,7 +306,9 @@ def dpm_timesteps(config: DPMSolverConfig, num_steps: int) -> tuple[np.ndarray, 
   Returns:
     ``(timesteps int32 [num_steps], sigmas float32 [num_steps + 1])``: the discrete training
     timesteps the model is evaluated at (descending) and ``sqrt((1 - ᾱ_t) / ᾱ_t)`` at each of
-    them, followed by the final sigma (0, or sigma at t = 0 for ``final_sigmas_type="sigma_min"``).
+    them (with flow sigmas: the shifted flow times ``s t / (1 + (s - 1) t)`` of
+    ``t = 1 - linspace(1, 1/N, num_steps + 1)``, descending, and the timesteps ``int(sigma N)``),
+    followed by the final sigma (0, or sigma at t = 0 for ``final_sigmas_type="sigma_min"``).
 
   Raises:
     ValueError: a step count for which the spacing yields repeated or out-of-range timesteps
@@ -295,6 +319,17 @@ def dpm_timesteps(config: DPMSolverConfig, num_steps: int) -> tuple[np.ndarray, 
   n_train = config.num_train_timesteps
   if num_steps > n_train:
     raise ValueError(f"num_steps={num_steps} exceeds num_train_timesteps={n_train}")
+  if config.use_flow_sigmas:
+    # diffusers: shifted flow times from 1 - linspace(1, 1/N, n + 1) in float64, the largest first;
+    # the timesteps are sigma * N truncated to integers (timestep_spacing does not apply).
+    t = 1.0 - np.linspace(1.0, 1.0 / n_train, num_steps + 1)
+    shift = float(config.flow_shift)
+    flow = np.flip(shift * t / (1.0 + (shift - 1.0) * t))[:-1].copy()
+    timesteps = (flow * n_train).astype(np.int64)
+    if np.any(np.diff(timesteps) >= 0):
+      raise ValueError(f"flow sigmas with num_steps={num_steps} give repeated timesteps {timesteps.tolist()}")
+    final = _final_sigma(config)
+    return timesteps.astype(np.int32), np.concatenate([flow, [final]]).astype(np.float32)
   last = n_train  # lambda_min_clipped = -inf clips nothing
   if config.timestep_spacing == "linspace":
     timesteps = np.linspace(0, last - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
@@ -313,9 +348,16 @@ def dpm_timesteps(config: DPMSolverConfig, num_steps: int) -> tuple[np.ndarray, 
         f"[0, {n_train}); choose another num_steps")
   alphas_cumprod = _alphas_cumprod(config)
   sigma_table = np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod)
-  final = sigma_table[0] if config.final_sigmas_type == "sigma_min" else np.float32(0)
-  sigmas = np.concatenate([sigma_table[timesteps], [final]]).astype(np.float32)
+  sigmas = np.concatenate([sigma_table[timesteps], [_final_sigma(config)]]).astype(np.float32)
   return timesteps.astype(np.int32), sigmas
+
+
+def _final_sigma(config: DPMSolverConfig) -> np.float32:
+  """0, or with ``final_sigmas_type="sigma_min"`` the VP sigma at t = 0 (also with flow sigmas, as diffusers)."""
+  if config.final_sigmas_type != "sigma_min":
+    return np.float32(0)
+  a0 = _alphas_cumprod(config)[0]
+  return np.float32(np.sqrt((np.float32(1) - a0) / a0))
 
 
 class DPMSolverState(NamedTuple):
@@ -337,8 +379,11 @@ def dpm_init_state(config: DPMSolverConfig, num_steps: int,
   return DPMSolverState(sigmas=jnp.asarray(sigmas), prev_x0=jnp.zeros(sample_shape, jnp.float32))
 
 
-def _alpha_sigma(sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """VP parameterization: alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t."""
+def _alpha_sigma(sigma: jax.Array, flow: bool = False) -> tuple[jax.Array, jax.Array]:
+  """VP parameterization: alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t; flow sigmas:
+  alpha_t = 1 - sigma, sigma_t = sigma."""
+  if flow:
+    return 1.0 - sigma, sigma
   alpha = 1.0 / jnp.sqrt(sigma * sigma + 1.0)
   return alpha, sigma * alpha
 
@@ -371,9 +416,10 @@ def dpm_step(config: DPMSolverConfig, state: DPMSolverState, sample: jax.Array,
     raise ValueError(f"step_index={step_index} is outside [0, {num_steps})")
   i = jnp.asarray(step_index, jnp.int32)
   sigmas = state.sigmas
-  alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
-  alpha_s0, sigma_s0 = _alpha_sigma(sigmas[i])
-  alpha_s1, sigma_s1 = _alpha_sigma(sigmas[jnp.maximum(i - 1, 0)])
+  flow = config.use_flow_sigmas
+  alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1], flow)
+  alpha_s0, sigma_s0 = _alpha_sigma(sigmas[i], flow)
+  alpha_s1, sigma_s1 = _alpha_sigma(sigmas[jnp.maximum(i - 1, 0)], flow)
 
   x = sample.astype(jnp.float32)
   out = model_output.astype(jnp.float32)
@@ -381,6 +427,8 @@ def dpm_step(config: DPMSolverConfig, state: DPMSolverState, sample: jax.Array,
     x0 = (x - sigma_s0 * out) / alpha_s0
   elif config.prediction_type == "v_prediction":
     x0 = alpha_s0 * x - sigma_s0 * out
+  elif config.prediction_type == "flow_prediction":
+    x0 = x - sigma_s0 * out
   else:
     x0 = out
 

@@ -11,8 +11,9 @@ from typing import Any
 from svdquant_jax.quant.adapters.base import Array, BlockPolicy, BlockRef, LinearGroup, ModelAdapter, State
 from svdquant_jax.quant.adapters.flux import FluxAdapter
 from svdquant_jax.quant.adapters.pixart import PixArtAdapter
+from svdquant_jax.quant.adapters.sana import SanaAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {a.family: a for a in (FluxAdapter, PixArtAdapter)}
+ADAPTERS: dict[str, type[ModelAdapter]] = {a.family: a for a in (FluxAdapter, PixArtAdapter, SanaAdapter)}
 
 
 def adapter_for(family: str, config: Any) -> ModelAdapter:
@@ -33,4 +34,4 @@ def adapter_for_pipeline(pipeline: Any) -> ModelAdapter:
 
 
 __all__ = ["ADAPTERS", "Array", "BlockPolicy", "BlockRef", "FluxAdapter", "LinearGroup", "ModelAdapter",
-           "PixArtAdapter", "State", "adapter_for", "adapter_for_pipeline"]
+           "PixArtAdapter", "SanaAdapter", "State", "adapter_for", "adapter_for_pipeline"]

@@ -1,0 +1,303 @@
+"""The SANA text-to-image pipeline (diffusers ``SanaPipeline``) in JAX.
+
+Steps, as diffusers:
+
+1. :meth:`SanaPipeline.encode_prompts`: each prompt is lower-cased and stripped (diffusers'
+   preprocessing without caption cleaning), prefixed with the *complex human instruction*
+   (:data:`COMPLEX_HUMAN_INSTRUCTION`, SANA's instruction prefix for Gemma-2-2B-it, lines joined by
+   newlines), tokenized (BOS, right padding) to ``n_chi + L - 2`` tokens (``n_chi``: the
+   instruction's own token count with BOS, ``L = max_sequence_length``, 300) and encoded by
+   Gemma-2 with the attention mask; of the result, token 0 (BOS) and the last ``L - 1`` tokens
+   are kept (embeddings and mask), which drops the instruction. The negative (empty) prompt is
+   encoded without the instruction at length ``L``.
+2. :meth:`SanaPipeline.prepare_latents`: per-prompt float32 noise ``[H/32, W/32, 32]`` (NHWC) from
+   ``jax.random.key(prompts.prompt_seed(prompt, seed))``; the latents stay float32 throughout.
+3. :meth:`SanaPipeline.denoise`: the flow-matching DPM-Solver++ 2M (``schedulers.SANA_SCHEDULER``:
+   flow sigmas, shift 3). The transformer gets the latents and the prompt embeddings in its dtype,
+   the integer timestep times ``timestep_scale`` as float32, and the mask; its output is upcast to
+   float32. With ``guidance > 1``, classifier-free guidance over the batch ``[uncond; cond]``:
+   ``uncond + g (cond - uncond)`` in float32.
+4. :meth:`SanaPipeline.decode`: ``latents / scaling_factor`` and the DC-AE decode.
+
+The height and width must be multiples of 32 (the DC-AE factor times the patch size 1).
+Resolution binning is not done (the image is generated at the requested size).
+
+Hooks: as :mod:`svdquant_jax.pipelines.pixart`: ``transformer_fn(params, **inputs)`` gets the
+keyword arguments of ``SanaTransformer2DModel.__call__``: ``hidden_states [N, h, w, 32]`` (NHWC),
+``encoder_hidden_states [N, L, 2304]``, ``timestep [N]`` (float32) and ``encoder_attention_mask
+[N, L]`` (int32), ``N = 2B`` under CFG; ``on_step(step_index, inputs, output, branch)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdquant_jax.models import tokenizers as tokenizers_lib
+from svdquant_jax.models.dc_ae import AutoencoderDC, DCAEConfig
+from svdquant_jax.models.gemma2 import Gemma2Config, Gemma2Model
+from svdquant_jax.models.sana import SanaConfig, SanaTransformer2DModel
+from svdquant_jax.pipelines import images as images_lib
+from svdquant_jax.pipelines import schedulers
+from svdquant_jax.pipelines.flux import (OUTPUT_TYPES, PipelineConfigError, PipelineInputError, TransformerFn,
+                                         as_jitted, check_prompts, check_size, check_steps, gaussian_noise,
+                                         jitted_apply, prompt_seeds, step_progress)
+from svdquant_jax.pipelines.presets import GenerationDefaults
+from svdquant_jax.utils.progress import Progress
+
+Array = jax.Array
+NEGATIVE_PROMPT = ""
+
+# diffusers SanaPipeline's default ``complex_human_instruction`` (from SANA's app config).
+COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
+    "image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without "
+    "overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
+
+
+def preprocess_prompt(prompt: str) -> str:
+  """diffusers' SANA text preprocessing without caption cleaning: ``prompt.lower().strip()``."""
+  return prompt.lower().strip()
+
+
+class SanaPipeline:
+  """SANA from its components.
+
+  Args:
+    transformer_config, transformer_params: the SANA transformer.
+    text_encoder_config, text_encoder_params: the Gemma-2 encoder (diffusers ``text_encoder``).
+    vae_config, vae_params: the DC-AE.
+    tokenizer: the Gemma tokenizer (BOS first, right padding).
+    scheduler_config: a :class:`schedulers.DPMSolverConfig` (flow sigmas for SANA).
+    defaults: generation defaults.
+    name: a label used in messages and saved metadata.
+    complex_human_instruction: the instruction prefix lines, or ``()`` for none.
+
+  Raises:
+    PipelineConfigError: components that do not fit together, named.
+  """
+  pipeline_class = "SanaPipeline"
+
+  def __init__(self, *, transformer_config: SanaConfig, transformer_params: Any, text_encoder_config: Gemma2Config,
+               text_encoder_params: Any, vae_config: DCAEConfig, vae_params: Any, tokenizer: Any,
+               scheduler_config: schedulers.DPMSolverConfig, defaults: GenerationDefaults, name: str = "sana",
+               complex_human_instruction: Sequence[str] = COMPLEX_HUMAN_INSTRUCTION):
+    self.transformer_config, self.transformer_params = transformer_config, transformer_params
+    self.text_encoder_config, self.text_encoder_params = text_encoder_config, text_encoder_params
+    self.vae_config, self.vae_params = vae_config, vae_params
+    self.tokenizer = tokenizer
+    self.scheduler_config, self.defaults, self.name = scheduler_config, defaults, name
+    self.complex_human_instruction = tuple(complex_human_instruction or ())
+    self._check_components()
+
+  def _check_components(self) -> None:
+    tc, vc = self.transformer_config, self.vae_config
+    problems = []
+    if not isinstance(self.scheduler_config, schedulers.DPMSolverConfig):
+      problems.append(f"scheduler_config is a {type(self.scheduler_config).__name__}, expected DPMSolverConfig")
+    if tc.caption_channels != self.text_encoder_config.hidden_size:
+      problems.append(f"transformer caption_channels={tc.caption_channels} != Gemma-2 hidden_size="
+                      f"{self.text_encoder_config.hidden_size}")
+    if tc.in_channels != vc.latent_channels:
+      problems.append(f"transformer in_channels={tc.in_channels} != DC-AE latent_channels={vc.latent_channels}")
+    if tc.out_channels not in (tc.in_channels, 2 * tc.in_channels):
+      problems.append(f"transformer out_channels={tc.out_channels}: expected in_channels ({tc.in_channels}) or "
+                      "twice that (learned sigma)")
+    if problems:
+      raise PipelineConfigError(f"SANA pipeline {self.name!r}: " + "; ".join(problems))
+
+  @property
+  def size_multiple(self) -> int:
+    """Height and width must be multiples of this: DC-AE factor (32) x patch size (1)."""
+    return self.vae_config.vae_scale_factor * self.transformer_config.patch_size
+
+  @property
+  def transformer_fn(self) -> TransformerFn:
+    """The default (jitted) transformer: ``fn(params, **inputs) -> [N, h, w, out_channels]``."""
+    return jitted_apply(SanaTransformer2DModel, self.transformer_config)
+
+  def uses_cfg(self, guidance: float) -> bool:
+    """Classifier-free guidance runs when ``guidance > 1`` (as diffusers)."""
+    return guidance > 1.0
+
+  def resolve_guidance(self, guidance: float | None) -> float:
+    if guidance is None:
+      return float(self.defaults.guidance)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance):
+      raise PipelineInputError(f"guidance must be a finite number or None, got {guidance!r}")
+    return float(guidance)
+
+  def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int | None = None, *,
+                     instruction: bool = True) -> tuple[Array, Array]:
+    """Gemma-2 conditioning: ``(prompt_embeds [B, L, hidden] in the encoder dtype, mask int32 [B, L])``.
+
+    Args:
+      prompts: the prompts.
+      max_sequence_length: ``L`` (default from :attr:`defaults`).
+      instruction: prefix the complex human instruction (the negative prompt is encoded without).
+    """
+    prompts = [preprocess_prompt(p) for p in check_prompts(prompts)]
+    length = self.defaults.max_sequence_length if max_sequence_length is None else max_sequence_length
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 2:
+      raise PipelineInputError(f"max_sequence_length must be an int >= 2, got {length!r}")
+    length = int(length)
+    chi = "\n".join(self.complex_human_instruction) if instruction else ""
+    if chi:
+      total = len(self.tokenizer.encode(chi)) + length - 2
+      prompts = [chi + p for p in prompts]
+    else:
+      total = length
+    ids, mask = tokenizers_lib.tokenize(self.tokenizer, prompts, total)
+    embeds = jitted_apply(Gemma2Model, self.text_encoder_config)(self.text_encoder_params, jnp.asarray(ids),
+                                                                jnp.asarray(mask))
+    if chi:   # keep BOS and the last L - 1 tokens (SANA paper, Section 3.1)
+      keep = np.concatenate([[0], np.arange(total - length + 1, total)])
+      embeds, mask = embeds[:, keep], mask[:, keep]
+    return embeds, jnp.asarray(mask)
+
+  def prepare_latents(self, seeds: Sequence[int], height: int, width: int) -> Array:
+    """Initial float32 noise ``[B, H/32, W/32, C]`` (NHWC), one key per seed."""
+    check_size(height, width, self.size_multiple, "SANA")
+    f = self.vae_config.vae_scale_factor
+    return gaussian_noise(seeds, (height // f, width // f, self.vae_config.latent_channels))
+
+  def denoise(self, latents: Array, prompt_embeds: Array, prompt_mask: Array,
+              negative_embeds: Array | None = None, negative_mask: Array | None = None, *,
+              num_steps: int | None = None, guidance: float | None = None,
+              transformer_fn: TransformerFn | None = None, transformer_params: Any = None,
+              on_step: Callable[..., None] | None = None, progress: bool | Progress = True) -> Array:
+    """The flow DPM-Solver loop, with classifier-free guidance when ``guidance > 1``.
+
+    Args:
+      latents: initial noise ``[B, h, w, C]`` (NHWC), kept float32.
+      prompt_embeds, prompt_mask: from :meth:`encode_prompts`.
+      negative_embeds, negative_mask: the encoded empty prompt (required under CFG).
+      num_steps, guidance: default from :attr:`defaults`.
+      transformer_fn, transformer_params, on_step, progress: the hooks (module docstring).
+
+    Returns:
+      Denoised float32 latents ``[B, h, w, C]``.
+    """
+    num_steps = check_steps(self.defaults.num_steps if num_steps is None else num_steps)
+    guidance = self.resolve_guidance(guidance)
+    tc = self.transformer_config
+    c = tc.in_channels
+    if latents.ndim != 4 or latents.shape[-1] != c:
+      raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected [B, h, w, {c}] (NHWC)")
+    latents = jnp.asarray(latents, jnp.float32)
+    batch = latents.shape[0]
+    if prompt_embeds.shape[0] != batch or prompt_mask.shape != prompt_embeds.shape[:2]:
+      raise PipelineInputError(f"prompt_embeds {tuple(prompt_embeds.shape)} / prompt_mask {tuple(prompt_mask.shape)} "
+                               f"do not match a batch of {batch}")
+    cfg = self.uses_cfg(guidance)
+    if cfg:
+      if negative_embeds is None or negative_mask is None:
+        raise PipelineInputError(f"guidance={guidance} > 1 runs classifier-free guidance and needs negative_embeds "
+                                 "and negative_mask (the encoded empty prompt)")
+      if negative_embeds.shape[0] != batch or negative_embeds.shape[2:] != prompt_embeds.shape[2:] \
+          or negative_mask.shape != negative_embeds.shape[:2]:
+        raise PipelineInputError(f"negative_embeds {tuple(negative_embeds.shape)} / negative_mask "
+                                 f"{tuple(negative_mask.shape)} do not match prompt_embeds "
+                                 f"{tuple(prompt_embeds.shape)}")
+      if negative_embeds.shape[1] != prompt_embeds.shape[1]:
+        raise PipelineInputError(f"negative_embeds has {negative_embeds.shape[1]} tokens, prompt_embeds "
+                                 f"{prompt_embeds.shape[1]}: encode both at one max_sequence_length")
+      context = jnp.concatenate([negative_embeds, prompt_embeds], axis=0)
+      mask = jnp.concatenate([negative_mask, prompt_mask], axis=0)
+      branch = ["uncond"] * batch + ["cond"] * batch
+    else:
+      context, mask, branch = prompt_embeds, prompt_mask, ["cond"] * batch
+    context = context.astype(tc.dtype)
+    mask = jnp.asarray(mask, jnp.int32)
+    fn = as_jitted(transformer_fn) if transformer_fn is not None else self.transformer_fn
+    params = self.transformer_params if transformer_params is None else transformer_params
+    timesteps, _ = schedulers.dpm_timesteps(self.scheduler_config, num_steps)
+    state = schedulers.dpm_init_state(self.scheduler_config, num_steps, tuple(latents.shape))
+    with step_progress(progress, num_steps, f"{self.name} denoise") as bar:
+      for i in range(num_steps):
+        model_input = jnp.concatenate([latents, latents], axis=0) if cfg else latents
+        t = np.float32(np.float32(timesteps[i]) * np.float32(tc.timestep_scale))
+        inputs = dict(hidden_states=model_input.astype(tc.dtype), encoder_hidden_states=context,
+                      timestep=jnp.full((len(branch),), t, jnp.float32), encoder_attention_mask=mask)
+        output = fn(params, **inputs)
+        if on_step is not None:
+          on_step(i, inputs, output, list(branch))
+        latents, state = _guided_dpm_step(self.scheduler_config, state, latents, output, jnp.int32(i),
+                                          jnp.float32(guidance), cfg=cfg, channels=c)
+        if bar is not None:
+          bar.update()
+    return latents
+
+  def decode(self, latents: Array) -> Array:
+    """Latents ``[B, h, w, C]`` -> images ``[B, 32h, 32w, 3]`` in the DC-AE dtype, nominally in [-1, 1]."""
+    if latents.ndim != 4 or latents.shape[-1] != self.vae_config.latent_channels:
+      raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected [B, h, w, "
+                               f"{self.vae_config.latent_channels}]")
+    z = self.vae_config.from_latent(latents.astype(self.vae_config.dtype))
+    return jitted_apply(AutoencoderDC, self.vae_config, "decode")(self.vae_params, z)
+
+  def __call__(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
+               num_steps: int | None = None, guidance: float | None = None, seed: int = 0,
+               latents: Array | None = None, max_sequence_length: int | None = None, output_type: str = "uint8",
+               transformer_fn: TransformerFn | None = None, transformer_params: Any = None,
+               on_step: Callable[..., None] | None = None, progress: bool | Progress = True) -> Any:
+    """Generates one image per prompt (arguments as ``FluxPipeline.__call__``; ``latents`` is
+    NHWC ``[B, H/32, W/32, C]``)."""
+    prompts = check_prompts(prompts)
+    if output_type not in OUTPUT_TYPES:
+      raise PipelineInputError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+    height = self.defaults.height if height is None else height
+    width = self.defaults.width if width is None else width
+    check_size(height, width, self.size_multiple, "SANA")
+    guidance = self.resolve_guidance(guidance)
+    prompt_embeds, prompt_mask = self.encode_prompts(prompts, max_sequence_length)
+    negative_embeds = negative_mask = None
+    if self.uses_cfg(guidance):
+      negative_embeds, negative_mask = self.encode_prompts([NEGATIVE_PROMPT] * len(prompts), prompt_embeds.shape[1],
+                                                           instruction=False)
+    f = self.vae_config.vae_scale_factor
+    if latents is None:
+      latents = self.prepare_latents(prompt_seeds(prompts, seed), height, width)
+    else:
+      latents = jnp.asarray(latents, jnp.float32)
+      expected = (len(prompts), height // f, width // f, self.vae_config.latent_channels)
+      if tuple(latents.shape) != expected:
+        raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected {list(expected)}")
+    latents = self.denoise(latents, prompt_embeds, prompt_mask, negative_embeds, negative_mask, num_steps=num_steps,
+                           guidance=guidance, transformer_fn=transformer_fn, transformer_params=transformer_params,
+                           on_step=on_step, progress=progress)
+    if output_type == "latent":
+      return latents
+    images = self.decode(latents)
+    return images if output_type == "float" else images_lib.to_uint8(images)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cfg", "channels"))
+def _guided_dpm_step(config: schedulers.DPMSolverConfig, state: schedulers.DPMSolverState, latents: Array,
+                     output: Array, step_index: Array, guidance: Array, *, cfg: bool,
+                     channels: int) -> tuple[Array, schedulers.DPMSolverState]:
+  """CFG combination in float32 (as diffusers upcasts the output first), learned-sigma drop, one step."""
+  output = output.astype(jnp.float32)
+  if cfg:
+    uncond, cond = jnp.split(output, 2, axis=0)
+    output = uncond + guidance * (cond - uncond)
+  if output.shape[-1] == 2 * channels:
+    output = output[..., :channels]
+  return schedulers.dpm_step(config, state, latents, output, step_index)
