@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-from svdquant_jax.pallas import reference, triton
+from svdquant_jax.pallas import mosaic_gpu, reference, triton
 from svdquant_jax.formats.packing import QuantizedLinear, check_inputs
 
 Array = jax.Array
@@ -115,7 +115,7 @@ def svdquant_linear(x: Array, params: QuantizedLinear, *, backend: str | None = 
     x: activations ``[..., K]`` (bf16, fp16 or fp32); the output has the same dtype.
     params: the packed layer.
     backend: ``None`` (best available, else the reference with a logged warning) or a
-      registered name (``"reference"``, ``"triton"``).
+      registered name (``"reference"``, ``"triton"``, ``"mosaic_gpu"``).
     interpret: run Pallas backends in interpret mode (CPU; for tests).
 
   Returns:
@@ -155,3 +155,17 @@ def _triton_run(x: Array, params: QuantizedLinear, interpret: bool) -> Array:
 
 register_backend(Backend(REFERENCE, 0, _reference_check, _reference_run, supports_interpret=True))
 register_backend(Backend(triton.NAME, 10, _triton_check, _triton_run, supports_interpret=True))
+
+_mosaic_jit = jax.jit(mosaic_gpu.svdquant_linear_mosaic_gpu, static_argnames=("tile", "interpret"))
+
+
+def _mosaic_check(params: QuantizedLinear, x_dtype: Any, interpret: bool) -> None:
+  mosaic_gpu.check_supported(params, x_dtype, interpret=interpret)
+
+
+def _mosaic_run(x: Array, params: QuantizedLinear, interpret: bool) -> Array:
+  return _mosaic_jit(x, params, interpret=interpret)
+
+
+# Below Triton until timed on a GPU; in interpret mode only where tests/mosaic_gpu_shim.py is installed.
+register_backend(Backend(mosaic_gpu.NAME, 5, _mosaic_check, _mosaic_run, supports_interpret=False))
