@@ -101,7 +101,10 @@ def pack_int4(codes: Array, *, signed: bool = True) -> Array:
     if c.min() < lo or c.max() > hi:
       raise QuantizedLinearError(f"pack_int4: codes out of the {'signed' if signed else 'unsigned'} 4-bit range "
                                  f"[{lo}, {hi}]: min {c.min()}, max {c.max()}")
-  nib = codes.astype(jnp.int32) & 0xF
+  if isinstance(codes, np.ndarray):  # host: byte arithmetic (two's complement wraps to the same low nibble)
+    nib = codes.astype(np.int8 if signed else np.uint8).view(np.uint8) & np.uint8(0xF)
+  else:
+    nib = codes.astype(jnp.int32) & 0xF
   nib = nib.reshape(*codes.shape[:-1], k // PACK_BLOCK, 2, HALF_BLOCK)
   packed = nib[..., 0, :] | (nib[..., 1, :] << 4)
   return packed.reshape(*codes.shape[:-1], k // 2).astype(jnp.uint8)

@@ -7,18 +7,22 @@ by λ (``x̃ = (x + δ)/λ``, each step rounded to the activation dtype), takes 
 forms the float32 scale ``s = absmax · fl(1/qmax)`` and its reciprocal, writes ``s`` rounded to
 the activation dtype and the codes ``rint(x̃ · fl(1/s))`` packed in the split-half nibble order
 (one byte per channel pair ``(j, j + 32)``, no reshuffling), and accumulates ``x · lora_down``
-(the raw ``x``) on the tensor cores in float32. Each K chunk writes its own float32 partial of ``lora_act``; kernel 2
-sums the partials. M is padded to the GEMM tile so that kernel 2 reads activations unmasked.
+(the raw ``x``) on the tensor cores in float32. Each K chunk writes its own float32 partial of
+``lora_act``; :func:`reduce_lora_partials` sums them once (float32, chunk order) and rounds
+once to the activation dtype. M is padded to the GEMM tile so that kernel 2 reads activations
+unmasked.
 
-Kernel 2, :func:`gemm` (grid: M tiles x N tiles). Per 64-wide group: load 32 bytes per row
-of activations and of the K-major weight, split the nibbles into int8 (sign-extended with
-``(b << 4) >> 4`` / ``b >> 4``, or masked for the unsigned activations), two int8 x int8 ->
-int32 dots of depth 32 (low nibbles with low nibbles, high with high), then
-``acc += f32(psum) · s_x[:, g] · s_w[g, :]``. ``groups_per_step`` groups per software-
-pipelined loop step; a K/64 that the step does not divide gets a static tail. Epilogue:
-``acc · wcscales[n]`` (per-channel weight scales, when the layer has them), ``acc +=
-cast(Σ lora partials) · lora_up`` on the tensor cores, ``+ b_eff``, one rounding, masked store
-(M and N edges).
+Kernel 2, :func:`gemm` (a 1-D grid over the M x N tiles in the grouped order of
+:func:`grouped_program_ids`). The accumulator starts as ``lora_act · lora_up`` (tensor cores, a
+fresh accumulator: taking the live accumulator as the wgmma's C operand in the epilogue made
+ptxas serialize every wgmma). Per 64-wide group: load 32 bytes per row of activations and of
+the K-major weight, split the nibbles into int8 (sign-extended with ``(b << 4) >> 4`` /
+``b >> 4``, or masked for the unsigned activations), two int8 x int8 -> int32 dots of depth 32
+(low nibbles with low nibbles, high with high), then ``acc += f32(psum) · s_x[:, g] ·
+s_w[g, :]``. ``groups_per_step`` (reduced to a divisor of K/64) groups per software-pipelined
+loop step. Epilogue: ``acc · wcscales[n]`` (per-channel weight scales, when the layer has them;
+the low-rank product then follows it instead of starting the accumulator), ``+ b_eff``, one
+rounding, masked store (M and N edges).
 
 Exactness: the codes and scales match the reference bit for bit, because both perform the
 same IEEE float32 operations (:func:`reference.quantize_activations`: ``x + δ`` and the correctly
@@ -116,7 +120,7 @@ def padded_rank(rank: int) -> int:
 def lowrank_factors(params: QuantizedLinear, dtype: Any) -> tuple[Array, Array]:
   """``(lora_down [K, rank_pad], lora_up [rank_pad, N])`` in ``dtype``, zero-padded to
   :func:`padded_rank`: what the kernels read. No op is emitted for factors that already have
-  that shape and dtype (:func:`prepare_params` does the padding once, at pack time)."""
+  that shape and dtype (:func:`prepare_params` pads and casts once, ahead of the calls)."""
   rank, rank_pad = params.rank, padded_rank(params.rank)
   down, up = params.lora_down.astype(dtype), params.lora_up.astype(dtype)
   if rank_pad != rank:
@@ -127,8 +131,9 @@ def lowrank_factors(params: QuantizedLinear, dtype: Any) -> tuple[Array, Array]:
 
 def prepare_params(params: QuantizedLinear, dtype: Any) -> QuantizedLinear:
   """``params`` with the low-rank factors padded to :func:`padded_rank` with zeros and cast to
-  the activation ``dtype``, so that calls in ``dtype`` pad and cast nothing. The result computes
-  the same function (the extra rank columns are zeros); its ``rank`` is the padded one."""
+  the activation ``dtype``, so that calls in ``dtype`` pad and cast nothing (for a caller that
+  holds a packed layer across many calls). The result computes the same function (the extra rank
+  columns are zeros; outputs bit-identical on this backend); its ``rank`` is the padded one."""
   if params.rank == 0 or params.fmt != "int4":
     return params
   down, up = lowrank_factors(params, dtype)
