@@ -6,7 +6,14 @@
         --num_grids=2 --lowrank_iters=2                         # CPU code-path check
 
 Times one double and one single block (random weights at real widths, random inputs), first call
-(with compilation) and steady state, and extrapolates to the whole model.
+(with compilation) and steady state, and extrapolates to the whole model. Prints the FLOPs of each
+stage, the achieved rate against this device's plain matmul rate (measured in the same run), and,
+with ``--device_tflops``, an estimate of the whole FLUX.1 run (128 x (4096 + 512) tokens) on a
+device of that matmul rate, e.g. ``--device_tflops=67`` (H100 SXM float32 peak, the searches'
+precision) or ``=655`` (H100 bf16 dot, measured: docs/kernels.md):
+
+    python launch/benchmark_ptq.py --samples=1 --img_tokens=256 --txt_tokens=64 --num_grids=2 \
+        --lowrank_iters=1 --device_tflops=67,655   # CPU: real widths, few tokens
 """
 
 from absl import flags
@@ -23,6 +30,10 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Model dtype.")
 _OVERRIDES = {name: flags.DEFINE_integer(name, None, f"Override the method's {name}.")
               for name in ("num_grids", "lowrank_iters", "batch_size", "candidates_per_batch", "max_tokens")}
 _NUM_DOUBLE = flags.DEFINE_integer("num_double", None, "Double blocks of the model (default: the preset's).")
+_DEVICE_TFLOPS = flags.DEFINE_list("device_tflops", [], "Matmul TFLOP/s of devices to extrapolate the "
+                                   "whole FLUX.1 run to (an estimate from FLOPs).")
+_GROUP = flags.DEFINE_list("group", [], "K,N,T: instead of the blocks, time one linear group of a [K, N] kernel "
+                           "on T tokens and print its FLOP/s against the plain matmul rate.")
 _NUM_SINGLE = flags.DEFINE_integer("num_single", None, "Single blocks of the model (default: the preset's).")
 
 
@@ -30,10 +41,26 @@ def main(argv):
   del argv
   settings = ptq_benchmark.settings_for(_METHOD.value, _DTYPE.value,
                                         **{name: flag.value for name, flag in _OVERRIDES.items()})
+  if _GROUP.value:
+    k, n, t = (int(v) for v in _GROUP.value)
+    r = ptq_benchmark.group_efficiency(k, n, t, settings)
+    print(f"group [{k}, {n}] x {t} tokens: {r['flops']:.3g} FLOPs in {r['seconds']:.2f} s = "
+          f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s; plain f32 HIGHEST matmul {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; "
+          f"efficiency {r['efficiency']:.2f}; loss evaluations {r['loss_share']:.0%} of the FLOPs; "
+          f"{r['lowrank_iters_run']} low-rank iterations run")
+    return
   result = ptq_benchmark.run_benchmark(_CONFIG_NAME.value, settings, samples=_SAMPLES.value,
                                        img_tokens=_IMG_TOKENS.value, txt_tokens=_TXT_TOKENS.value,
                                        dtype=_DTYPE.value, num_double=_NUM_DOUBLE.value, num_single=_NUM_SINGLE.value)
   print(ptq_benchmark.format_table(result))
+  print(ptq_benchmark.format_cost_table(result))
+  efficiency = min(1.0, min(r["quantize_flops_per_s"] / result["matmul_rates"]["f32_highest"]
+                            for r in result["rows"]))
+  for tflops in _DEVICE_TFLOPS.value:
+    for eff, label in ((1.0, "at 100% of the matmul rate"), (efficiency, f"at this run's efficiency {efficiency:.2f}")):
+      estimate = ptq_benchmark.model_estimate("flux-dev", settings, float(tflops) * 1e12, eff)
+      print(ptq_benchmark.format_estimate(estimate, f"FLUX.1-dev, 128 x (4096 + 512) tokens, {tflops} TFLOP/s, "
+                                                    f"{label}, compile excluded"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ is ``compile + count x steady`` per kind, e.g. 19 double and 38 single blocks fo
 Weights and inputs are random, so the smoothing and low-rank searches may stop at other
 iterations than on real activations; the early stop makes real runs at most as long as
 ``--lowrank_iters`` iterations.
+
+Next to the times it prints the matmul FLOPs of each stage (:mod:`svdquant_jax.quant.cost_model`)
+for the benchmarked shapes, the device's plain matmul rate measured in the same run (a
+``[4096, D] x [D, 3D]`` float32 product at ``Precision.HIGHEST``, the searches' precision, and in
+bfloat16), and the achieved rate of each block's quantization against it (the efficiency ratio;
+the FLOPs assume ``--lowrank_iters`` iterations per branch, an upper bound under the early stop).
+:func:`model_estimate` extrapolates the whole FLUX.1 run at 128 x (4096 + 512) tokens from FLOPs
+and a given matmul rate: an estimate, not a measurement.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import numpy as np
 
 from svdquant_jax.flows import ptq_config
 from svdquant_jax.models import flux
-from svdquant_jax.quant import ptq
+from svdquant_jax.quant import cost_model, ptq
 from svdquant_jax.quant.adapters import ModelAdapter, adapter_for
 from svdquant_jax.quant.settings import PTQSettings
 
@@ -73,6 +81,71 @@ def _timed(fn, *args) -> tuple[Any, float]:
   return out, time.perf_counter() - start
 
 
+def matmul_rate(dim: int, dtype: Any, precision: Any = jax.lax.Precision.HIGHEST, rows: int = 4096,
+                repeats: int = 3) -> float:
+  """Plain matmul FLOP/s of this device: the best of ``repeats`` ``[rows, D] x [D, 3D]`` products."""
+  keys = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(keys[0], (rows, dim), dtype)
+  w = jax.random.normal(keys[1], (dim, 3 * dim), dtype)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32))
+  jax.block_until_ready(dot(x, w))
+  best = min(_timed(dot, x, w)[1] for _ in range(repeats))
+  return cost_model.matmul_flops(rows, dim, 3 * dim) / best
+
+
+def block_flops(kind: str, settings: PTQSettings, dim: int, samples: int, img_tokens: int,
+                txt_tokens: int) -> dict[str, float]:
+  """Matmul FLOPs per stage of one FLUX block under ``settings`` (:func:`cost_model.block_flops`)."""
+  groups, forward = cost_model.flux_block_groups(kind, dim, samples, img_tokens, txt_tokens, settings.max_tokens)
+  return cost_model.block_flops(
+      groups, forward, rank=settings.rank, candidates=len(settings.smoothing_grid) if settings.smooth else 0,
+      lowrank_iters=settings.lowrank_iters, shared_branch=settings.shared_branch, gptq=settings.gptq,
+      svd_iters=settings.svd_iters or cost_model.DEFAULT_SVD_ITERS, oversample=settings.oversample)
+
+
+def group_efficiency(k: int, n: int, tokens: int, settings: PTQSettings, seed: int = 0) -> dict[str, float]:
+  """Times :func:`~svdquant_jax.quant.svdquant.quantize_linear_group` of one random ``[K, N]`` kernel on
+  ``tokens`` random inputs (linear-level loss; steady state, after a compiling call) and its
+  achieved FLOP/s against the plain float32 HIGHEST matmul rate measured just before.
+
+  The FLOPs count the iterations that actually ran (the early stop) and leave out the loss's
+  reference outputs (computed once).
+  """
+  from svdquant_jax.quant.svdquant import quantize_linear_group  # noqa: PLC0415 (flows may import quant)
+  keys = jax.random.split(jax.random.key(seed))
+  w = jax.random.normal(keys[0], (k, n), jnp.float32) / k ** 0.5
+  x = jax.random.normal(keys[1], (tokens, k), jnp.float32)
+  run = lambda: quantize_linear_group([w], None, x, settings, return_info=True)  # noqa: E731
+  _, info = jax.block_until_ready(run())
+  (_, info), seconds = _timed(run)
+  iters = int(np.sum(np.isfinite(np.asarray(info.lowrank_losses[0])))) if settings.rank else 0
+  group = cost_model.GroupShape("g", ((k, n),), (tokens,))
+  flops = cost_model.group_flops(group, rank=settings.rank, candidates=len(settings.smoothing_grid),
+                                 lowrank_iters=iters, gptq=settings.gptq,
+                                 svd_iters=settings.svd_iters or cost_model.DEFAULT_SVD_ITERS,
+                                 oversample=settings.oversample)
+  total = sum(flops.values())
+  rate = matmul_rate(k, jnp.float32)
+  return {"flops": total, "seconds": seconds, "flops_per_s": total / seconds, "matmul_flops_per_s": rate,
+          "efficiency": total / seconds / rate, "lowrank_iters_run": iters,
+          "loss_share": (flops["smooth_loss"] + flops["lowrank_loss"]) / total}
+
+
+def model_estimate(config_name: str, settings: PTQSettings, flops_per_s: float, efficiency: float = 1.0, *,
+                   samples: int = 128, img_tokens: int = 4096, txt_tokens: int = 512) -> dict[str, Any]:
+  """Estimated whole-model PTQ time from FLOPs at ``efficiency`` x ``flops_per_s`` (no compile time).
+
+  Returns ``{"flops": {kind: per-block stage FLOPs}, "seconds": total, "counts": {kind: blocks}}``.
+  """
+  full = flux.FLUX_PRESETS[config_name]
+  dim = full.num_attention_heads * full.attention_head_dim
+  counts = {"flux_double": full.num_layers, "flux_single": full.num_single_layers}
+  flops = {kind: block_flops(kind, settings, dim, samples, img_tokens, txt_tokens) for kind in counts}
+  total = sum(counts[k] * flops[k]["total"] for k in counts)
+  return {"flops": flops, "counts": counts,
+          "seconds": cost_model.estimate_seconds(total, flops_per_s, efficiency)}
+
+
 def run_benchmark(config_name: str, settings: PTQSettings, *, samples: int, img_tokens: int, txt_tokens: int,
                   dtype: str, num_double: int | None = None, num_single: int | None = None) -> dict[str, Any]:
   """Times one block of each kind; returns the measurements and the whole-model estimate."""
@@ -85,6 +158,8 @@ def run_benchmark(config_name: str, settings: PTQSettings, *, samples: int, img_
   adapter = adapter_for("flux", cfg)
   params = flux.init_flux_params(cfg, 0)
   state, t_embed = _timed(random_state, adapter, params, samples, img_tokens, txt_tokens, cfg.dtype)
+  dim = cfg.num_attention_heads * cfg.attention_head_dim
+  rates = {"f32_highest": matmul_rate(dim, jnp.float32), "bf16": matmul_rate(dim, jnp.bfloat16)}
   rows = []
   for index, block in enumerate(adapter.blocks()):
     quantize = lambda s, b=block, i=index: ptq.quantize_block(  # noqa: E731
@@ -94,15 +169,41 @@ def run_benchmark(config_name: str, settings: PTQSettings, *, samples: int, img_
     replay = lambda s, b=block, l=layers: ptq.replay_block(adapter, b, params[b.name], s, l, settings)  # noqa: E731
     new_state, replay_first = _timed(replay, state)
     _, replay_steady = _timed(replay, state)
+    flops = block_flops(block.kind, settings, dim, samples, img_tokens, txt_tokens)
     rows.append({"kind": block.kind, "count": counts[block.kind], "first_s": first, "steady_s": steady,
                  "replay_first_s": replay_first, "replay_steady_s": replay_steady,
-                 "layers": len(layers)})
+                 "layers": len(layers), "flops": flops,
+                 "quantize_flops_per_s": (flops["total"] - flops["replay"]) / steady,
+                 "replay_flops_per_s": flops["replay"] / replay_steady})
     state = new_state
   total = sum(r["first_s"] + r["replay_first_s"] + (r["count"] - 1) * (r["steady_s"] + r["replay_steady_s"])
               for r in rows)
   return {"config": config_name, "samples": samples, "img_tokens": img_tokens, "txt_tokens": txt_tokens,
           "dtype": dtype, "settings": settings.to_json(), "embed_s": t_embed, "rows": rows,
-          "model_estimate_s": total, "device": str(jax.devices()[0].device_kind)}
+          "model_estimate_s": total, "device": str(jax.devices()[0].device_kind), "matmul_rates": rates}
+
+
+def format_cost_table(result: dict[str, Any]) -> str:
+  """The FLOPs per stage and the achieved rate against the measured plain matmul rate."""
+  rates = result["matmul_rates"]
+  lines = [f"plain matmul on this device: f32 HIGHEST {rates['f32_highest'] / 1e9:.1f} GFLOP/s, "
+           f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s",
+           "| block | smooth SVD | smooth loss | low-rank SVD | low-rank loss | GPTQ | replay | "
+           "quantize GFLOP/s | efficiency vs f32 matmul |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    f = r["flops"]
+    lines.append(f"| {r['kind']} | " + " | ".join(f"{f[k]:.3g}" for k in (
+        "smooth_svd", "smooth_loss", "lowrank_svd", "lowrank_loss", "gptq", "replay")) +
+        f" | {r['quantize_flops_per_s'] / 1e9:.1f} | {r['quantize_flops_per_s'] / rates['f32_highest']:.2f} |")
+  return "\n".join(lines)
+
+
+def format_estimate(estimate: dict[str, Any], label: str) -> str:
+  """One line: the whole-model estimate (FLOPs and time)."""
+  flops = sum(estimate["counts"][k] * estimate["flops"][k]["total"] for k in estimate["counts"])
+  return (f"ESTIMATE ({label}): {flops:.3g} FLOPs -> {estimate['seconds']:.0f} s = "
+          f"{estimate['seconds'] / 3600:.2f} h")
 
 
 def format_table(result: dict[str, Any]) -> str:
