@@ -73,8 +73,7 @@ MODEL_INDEX = "model_index.json"
 METADATA_KEY = "_svdquant_jax"
 DIFFUSERS_VERSION = "0.32.0"
 FLUX_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
-PIXART_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-SANA_COMPONENTS = PIXART_COMPONENTS
+PIXART_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")   # also SANA's
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _SCHEDULER_CLASSES = {schedulers.FlowMatchConfig: "FlowMatchEulerDiscreteScheduler",
                       schedulers.DPMSolverConfig: "DPMSolverMultistepScheduler"}
