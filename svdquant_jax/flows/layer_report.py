@@ -9,7 +9,8 @@ output error ``||x W - ŷ||_F / ||x W||_F`` on held-out tokens is tabulated:
 
   W4A4 (INT4 g64 and NVFP4 g16): RTN; smoothing only (39-pair grid, no branch); SVD only (r = 32,
   no smoothing); LoRC (SVD_r of W - Q(W), Q(W) kept); smoothing + LoRC (λ of smoothing only);
-  SVDQuant one-shot; + alternating refinement; + GPTQ on the residual. Baselines: W4A16 INT4 g64
+  SVDQuant one-shot; + alternating refinement; + GPTQ on the residual; + learned refinement
+  (``quant/refine.py``) of λ and the branch after the alternating loop and after GPTQ. Baselines: W4A16 INT4 g64
   and NF4 g64, W8A8 (per-channel / per-token INT8). A rank sweep of SVDQuant, and the singular
   values of W, Ŵ = diag(λ) W and R = Ŵ - L (the SVDQuant + alternating layer); both are also
   plotted with matplotlib (:mod:`svdquant_jax.flows.plots`) as ``rank_sweep.png`` and ``spectra.png``.
@@ -20,7 +21,9 @@ output error ``||x W - ŷ||_F / ||x W||_F`` on held-out tokens is tabulated:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -28,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.flows import plots
-from svdquant_jax.quant import gptq, lowrank, smooth
+from svdquant_jax.quant import gptq, lowrank, refine, smooth
 from svdquant_jax.formats import quantizers as qz
 from svdquant_jax.quant.svdquant import SVDQuantWeights, fake_forward, plain_weights, quantize_linear_group
 from svdquant_jax.utils.files import atomic_write_text
 
 W4A4_METHODS = ("RTN", "Smoothing only", "SVD only", "LoRC", "Smoothing + LoRC", "SVDQuant (one-shot)",
-                "SVDQuant + alternating", "SVDQuant + GPTQ")
+                "SVDQuant + alternating", "SVDQuant + GPTQ", "SVDQuant + refinement",
+                "SVDQuant + GPTQ + refinement")
 BASELINES = ("W4A16 INT4 g64", "W4A16 NF4 g64", "W8A8 INT8")
 RANKS = (0, 8, 16, 32, 64, 128)
 W4A4_FORMATS = {"int4": qz.INT4, "nvfp4": qz.NVFP4}
@@ -95,6 +99,15 @@ def relative_error(layer: SyntheticLayer, y_hat: jax.Array) -> float:
 _forward = jax.jit(fake_forward, static_argnums=(2, 3))
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "settings"))
+def _refine(weights: SVDQuantWeights, kernel: jax.Array, x: jax.Array, fmt: qz.QuantFormat,
+            settings: refine.RefineSettings) -> tuple[SVDQuantWeights, refine.RefineInfo]:
+  """Learned refinement of one bias-free layer on its calibration tokens (the linear output loss)."""
+  loss = smooth.linear_output_loss(x, [kernel], None, fmt)
+  (out,), info = refine.refine_group([weights], [kernel], x, fmt, [0.0], settings, loss)
+  return out, info
+
+
 def _lorc(w_hat: jax.Array, smooth_scale: jax.Array, fmt: qz.QuantFormat, rank: int) -> SVDQuantWeights:
   """LoRC: quantize Ŵ, approximate its quantization error by SVD_r, keep Q(Ŵ) (``residual_q``)."""
   q = qz.quantize_weight(w_hat, fmt)
@@ -107,12 +120,16 @@ def _pair(pair: Sequence[float]) -> tuple[float, ...]:
 
 
 def evaluate_w4a4(layer: SyntheticLayer, fmt: qz.QuantFormat, rank: int = 32, grid: Sequence | None = None,
-                  lowrank_iters: int = 100, methods: Sequence[str] = W4A4_METHODS) -> tuple[dict, dict]:
+                  lowrank_iters: int = 100, methods: Sequence[str] = W4A4_METHODS,
+                  refine_settings: refine.RefineSettings | None = None) -> tuple[dict, dict]:
   """Relative output error of each W4A4 method in ``methods``.
+
+  ``refine_settings``: the learned refinement of the "+ refinement" methods (default: 200 steps).
 
   Returns:
     ``(errors {method: float}, details)``; ``details`` has the chosen (α, β) pairs, the alternating
-    iterations and the SVDQuant + alternating layer (for the spectra) when computed.
+    iterations, the SVDQuant + alternating layer (for the spectra) and the PTQ seconds of the
+    search (``ptq_s``) and of each refinement when computed.
   """
   unknown = set(methods) - set(W4A4_METHODS)
   if unknown:
@@ -134,12 +151,16 @@ def evaluate_w4a4(layer: SyntheticLayer, fmt: qz.QuantFormat, rank: int = 32, gr
     (only,), info = group(rank=0)
     smooth_lam = only.smooth
     details["smoothing only (alpha, beta)"] = _pair(grid[int(info.smooth_index)])
-  svdquant = {"SVDQuant (one-shot)", "SVDQuant + alternating", "SVDQuant + GPTQ"} & set(methods)
+  refine_settings = refine.RefineSettings(steps=200) if refine_settings is None else refine_settings
+  svdquant = set(W4A4_METHODS[5:]) & set(methods)
   if svdquant:
     # One pipeline run: the search does not depend on the later stages, iteration 1 of the
     # alternating loop is the one-shot SVDQuant layer, and GPTQ works on the kept residual (as
     # quantize_linear_group(..., gptq=True) does).
+    start = time.perf_counter()
     (refined,), info = group(rank=rank, lowrank_iters=lowrank_iters)
+    jax.block_until_ready(refined.residual)
+    details["ptq_s SVDQuant"] = round(time.perf_counter() - start, 2)
     details["SVDQuant (alpha, beta)"] = _pair(grid[int(info.smooth_index)])
     losses = np.asarray(info.lowrank_losses[0])
     details["alternating iterations (run, best)"] = (int(np.sum(np.isfinite(losses))), int(info.lowrank_best[0]) + 1)
@@ -159,13 +180,29 @@ def evaluate_w4a4(layer: SyntheticLayer, fmt: qz.QuantFormat, rank: int = 32, gr
       errors[method] = err(smooth.one_shot_candidate(w, refined.smooth, jnp.zeros(w.shape[1]), rank))
     elif method == "SVDQuant + alternating":
       errors[method] = err(refined)
-    elif method == "SVDQuant + GPTQ":
-      hess = gptq.hessian_from_inputs(x, refined.smooth)
-      result = gptq.gptq_quantize(refined.residual, hess, fmt)
-      if not bool(result.stable):
-        raise qz.QuantizationError("synthetic layer: GPTQ Hessian not positive definite after damping retries")
-      errors[method] = err(dataclasses.replace(refined, residual_q=result.qweight))
+    elif method in ("SVDQuant + GPTQ", "SVDQuant + GPTQ + refinement"):
+      if "gptq_layer" not in details:
+        hess = gptq.hessian_from_inputs(x, refined.smooth)
+        result = gptq.gptq_quantize(refined.residual, hess, fmt)
+        if not bool(result.stable):
+          raise qz.QuantizationError("synthetic layer: GPTQ Hessian not positive definite after damping retries")
+        details["gptq_layer"] = dataclasses.replace(refined, residual_q=result.qweight)
+      if method == "SVDQuant + GPTQ":
+        errors[method] = err(details["gptq_layer"])
+      else:
+        errors[method] = err(_timed_refine(details, method, details["gptq_layer"], w, x, fmt, refine_settings))
+    elif method == "SVDQuant + refinement":
+      errors[method] = err(_timed_refine(details, method, refined, w, x, fmt, refine_settings))
   return errors, details
+
+
+def _timed_refine(details, method, weights, kernel, x, fmt, settings):
+  start = time.perf_counter()
+  out, info = _refine(weights, kernel, x, fmt, settings)
+  jax.block_until_ready(out.lora_a)
+  details[f"ptq_s {method}"] = round(time.perf_counter() - start, 2)
+  details[f"{method} accepted"] = bool(info.accepted)
+  return out
 
 
 def evaluate_baselines(layer: SyntheticLayer) -> dict[str, float]:
@@ -279,7 +316,7 @@ def report_markdown(report: LayerReport, command: str | None = None) -> str:
       lines.append(_row([m] + [f"{report.w4a4[f][m]:.4f}" if m in report.w4a4[f] else "" for f in formats]))
     lines.append("")
     for f in formats:
-      info = {key: val for key, val in report.details[f].items() if key != "svdquant_layer"}
+      info = {key: val for key, val in report.details[f].items() if key not in ("svdquant_layer", "gptq_layer")}
       if info:
         lines.append(f"{f}: " + "; ".join(f"{key} = {val}" for key, val in info.items()))
     lines.append("")

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from svdquant_jax.formats.quantizers import FORMATS, QuantFormat, QuantizationError
+from svdquant_jax.quant.refine import RefineSettings
 from svdquant_jax.quant.smooth import alpha_beta_grid
 
 REPLAY_MODES = ("fp", "quantized")
@@ -49,6 +50,8 @@ class PTQSettings:
       ``"quantized"`` (outputs with this block's quantized layers).
     max_tokens: cap on the calibration tokens per linear group (0: all), chosen by a seeded
       permutation (``token_seed``).
+    refine: learned refinement of the pieces after the search and GPTQ
+      (:class:`~svdquant_jax.quant.refine.RefineSettings`; off by default).
   """
   fmt: QuantFormat = FORMATS["int4"]
   rank: int = 32
@@ -73,6 +76,7 @@ class PTQSettings:
   replay: str = "fp"
   max_tokens: int = 0
   token_seed: int = 0
+  refine: RefineSettings = RefineSettings()
 
   def __post_init__(self):
     if not isinstance(self.fmt, QuantFormat):
@@ -90,6 +94,8 @@ class PTQSettings:
     if self.grid is not None:
       object.__setattr__(self, "grid", tuple((float(a), float(b)) for a, b in self.grid))
     object.__setattr__(self, "skips", tuple(self.skips))
+    if self.refine.enabled and self.shared_branch:
+      raise ValueError("quant.refine is not supported with quant.lowrank.shared_branch")
 
   @property
   def smoothing_grid(self) -> tuple[tuple[float, float], ...]:
@@ -120,7 +126,15 @@ class PTQSettings:
                gptq_block_size=q.gptq.block_size, gptq_max_inv_tries=q.gptq.num_inv_tries,
                candidate_batch=q.smooth.candidates_per_batch, shift_activations=q.shift_activations,
                weight_only_adaln=q.weight_only_adaln, skips=tuple(q.skips), batch_size=c.batch_size,
-               replay=c.replay, max_tokens=c.max_tokens, token_seed=c.seed)
+               replay=c.replay, max_tokens=c.max_tokens, token_seed=c.seed, refine=_refine_settings(q))
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def _refine_settings(q: Any) -> RefineSettings:
+  """The ``quant.refine`` section (absent in older configs: off)."""
+  r = q.get("refine", None)
+  if r is None:
+    return RefineSettings()
+  return RefineSettings(steps=r.steps, lr=r.lr, pieces=tuple(r.pieces), tokens=r.tokens, seed=r.seed)
