@@ -102,14 +102,14 @@ def select_backend(params: QuantizedLinear, x_dtype: Any, *, backend: str | None
       reasons.append(str(e))
       continue
     return candidate
-  for reason in reasons:
-    _warn_once(reason)
+  if reasons:  # one warning for the call, naming why each backend could not take it
+    _warn_once("; ".join(reasons))
   return get_backend(REFERENCE)
 
 
 def svdquant_linear(x: Array, params: QuantizedLinear, *, backend: str | None = None,
                     interpret: bool = False) -> Array:
-  """The fused SVDQuant linear ``y = Qa(x/λ + δ)·Qw(R) + (x·lora_down)·lora_up + b_eff``.
+  """The fused SVDQuant linear ``y = Qa((x + δ)/λ)·Qw(R) + (x·lora_down)·lora_up + b_eff``.
 
   Args:
     x: activations ``[..., K]`` (bf16, fp16 or fp32); the output has the same dtype.
