@@ -318,7 +318,23 @@ def one_block_calibration():
   return adapter, params, jax.jit(adapter.embed)(params, inputs)
 
 
+_IN_SUBPROCESS = "SVDQUANT_SANA_BLOCK_TEST"
+
+
 @pytest.mark.slow   # ~1.5 min on 2 CPU cores: six group searches, each compiled for its shapes
+def test_svdquant_beats_rtn_on_one_sana_block_in_its_own_process():
+  # In a fresh process: once, late in a whole-suite run (700 tests in one process), XLA's CPU
+  # compiler crashed (SIGSEGV) on one of these programs; alone the test passes. Not diagnosed.
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         f"{__file__}::test_svdquant_beats_rtn_on_one_sana_block"],
+                        env={**os.environ, _IN_SUBPROCESS: "1"}, capture_output=True, text=True, timeout=1200)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not os.environ.get(_IN_SUBPROCESS),
+                    reason="runs in its own process (test_svdquant_beats_rtn_on_one_sana_block_in_its_own_process)")
 def test_svdquant_beats_rtn_on_one_sana_block(one_block_calibration):
   adapter, params, state = one_block_calibration
   assert adapter.family == "sana" and state["hidden_states"].shape == (8, 4, 4, 128)
