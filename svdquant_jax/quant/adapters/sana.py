@@ -18,12 +18,11 @@ shift. ``conv_inverted`` reads the modulated LayerNorm output (signed) as every 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
-
 import flax.linen as nn
 
 from svdquant_jax.models import sana as sana_lib
-from svdquant_jax.quant.adapters.base import Array, BlockPolicy, BlockRef, LinearGroup, ModelAdapter, State
+from svdquant_jax.quant.adapters.base import BlockPolicy, BlockRef, LinearGroup
+from svdquant_jax.quant.adapters.pixart import PixArtAdapter
 
 BLOCK = BlockPolicy(
     kind="sana",
@@ -39,18 +38,18 @@ BLOCK = BlockPolicy(
 
 
 @dataclasses.dataclass(frozen=True)
-class SanaAdapter(ModelAdapter):
+class SanaAdapter(PixArtAdapter):
   """:class:`~svdquant_jax.models.sana.SanaTransformer2DModel` block by block.
 
-  The state carries the image tokens on their patch grid (``hidden_states [S, h, w, D]``), so a
-  block needs no static height and width.
+  The state and its hand-over are PixArt's (image tokens, caption tokens, timestep embedding,
+  optional caption mask); the state carries the image tokens on their patch grid
+  (``hidden_states [S, h, w, D]``), so a block needs no static height and width.
   """
   config: sana_lib.SanaConfig
 
   family = "sana"
   pipeline_class = "SanaPipeline"
   policies = (BLOCK,)
-  streams = ("hidden_states",)
 
   @property
   def model(self) -> nn.Module:
@@ -59,21 +58,3 @@ class SanaAdapter(ModelAdapter):
   def blocks(self) -> list[BlockRef]:
     return [BlockRef(f"transformer_blocks_{i}", BLOCK, sana_lib.SanaBlock(self.config))
             for i in range(self.config.num_layers)]
-
-  def embed(self, params: Mapping[str, Any], inputs: Mapping[str, Array]) -> State:
-    model = self.model
-    out = model.apply({"params": params}, **inputs, method=model.embed)
-    state = {"hidden_states": out["hidden_states"], "encoder_hidden_states": out["encoder_hidden_states"],
-             "timestep_emb": out["timestep_emb"]}
-    if out["encoder_attention_mask"] is not None:
-      state["encoder_attention_mask"] = out["encoder_attention_mask"]
-    return state
-
-  def block_args(self, state: State) -> tuple[Any, ...]:
-    return (state["hidden_states"], state["encoder_hidden_states"], state["timestep_emb"],
-            state.get("encoder_attention_mask"))
-
-  def update_state(self, state: State, output: Any) -> State:
-    new = dict(state)
-    new["hidden_states"] = output
-    return new
