@@ -79,6 +79,14 @@ _SCRIPT = textwrap.dedent('''
     b = np.stack([protocol.read_rgb(os.path.join(out, "dp1", f)) for f in files]).astype(int)
     report["images_max_diff"] = int(np.abs(a - b).max())
     report["images_equal_fraction"] = float((a == b).mean())
+    # The generate command's path: 3 prompts in a batch of 4 on 4 devices, and on 1.
+    from svdquant_jax.flows import generation
+    for name, mesh in (("gen4", mesh4), ("gen1", mesh1)):
+      generation.generate_images(pipe, prompts[:3], settings, os.path.join(out, name), mesh=mesh, progress=False)
+    g = [np.stack([protocol.read_rgb(os.path.join(out, name, generation.image_file(i))) for i in range(3)]).astype(int)
+         for name in ("gen4", "gen1")]
+    report["generate_max_diff"] = int(np.abs(g[0] - g[1]).max())
+    report["generate_equal_fraction"] = float((g[0] == g[1]).mean())
 
     # Metrics of the dp1 images against a perturbed copy, on 4 devices and on 1.
     rng = np.random.default_rng(1)
@@ -122,6 +130,7 @@ def test_four_devices_give_the_images_and_metrics_of_one(tmp_path):
   assert report["map_batches"] == 0.0
   # Generation: the 4-device partition of each batch rounds a few pixels one level differently.
   assert report["images_max_diff"] <= 1 and report["images_equal_fraction"] > 0.999, report
+  assert report["generate_max_diff"] <= 1 and report["generate_equal_fraction"] > 0.999, report
   four, one = report["metrics"]["true"], report["metrics"]["false"]
   logging.info("4 vs 1 device: images max |diff| %d, equal %.6f; metrics %s", report["images_max_diff"],
                report["images_equal_fraction"],

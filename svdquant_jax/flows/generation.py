@@ -36,10 +36,11 @@ from svdquant_jax.nn import lora_params, with_lora
 from svdquant_jax.flows import nunchaku as nunchaku_flow
 from svdquant_jax.pipelines import images as images_lib
 from svdquant_jax.pipelines import prompts as prompts_lib
+from svdquant_jax.pipelines.flux import prompt_seeds
 from svdquant_jax.pipelines.loading import load_pipeline
 from svdquant_jax.quant import quantized_model
 from svdquant_jax.quant.adapters import adapter_for_pipeline
-from svdquant_jax.utils import compile_cache
+from svdquant_jax.utils import compile_cache, sharding
 from svdquant_jax.utils.files import atomic_write_text
 from svdquant_jax.utils.progress import Progress
 
@@ -90,8 +91,15 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationSettings, out_dir: str, *,
                     transformer_fn: Callable[..., Any] | None = None, transformer_params: Any = None,
                     on_step: Callable[..., None] | None = None, progress: bool = True,
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    extra: Mapping[str, Any] | None = None, mesh: Any = None) -> dict[str, Any]:
   """Generates one PNG per prompt plus a contact sheet and ``generation.json`` in ``out_dir``.
+
+  Data-parallel: each batch (``settings.batch_size``, at most the number of prompts, rounded up to
+  the device count of ``mesh``; the last batch is padded with its last prompt) is split over the
+  mesh's batch axis, with the transformer parameters replicated. Image ``i`` starts from the noise
+  of ``prompt_seed(prompts[i], seed)`` whatever the batch or device count; XLA's numbers on CPU
+  depend on the per-device batch, so a different device count may round a few pixels one level
+  differently.
 
   Args:
     pipeline: a ``FluxPipeline`` or ``PixArtSigmaPipeline``.
@@ -101,6 +109,7 @@ def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationS
     transformer_fn, transformer_params, on_step: passed to the pipeline (e.g. a quantized transformer).
     progress: show a progress display over prompts and steps.
     extra: more JSON entries for ``generation.json`` (e.g. the LoRAs applied).
+    mesh: a :func:`~svdquant_jax.utils.sharding.batch_mesh` (default: every local device).
 
   Returns:
     The content of ``generation.json``.
@@ -109,7 +118,10 @@ def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationS
   if not prompts:
     raise ValueError("prompts is empty; nothing to generate")
   s = settings.resolved(pipeline)
-  batch_size = min(s.batch_size, len(prompts))
+  mesh = sharding.batch_mesh() if mesh is None else mesh
+  batch_size = sharding.padded_size(min(s.batch_size, len(prompts)), mesh)
+  params = sharding.replicate(transformer_params if transformer_params is not None else pipeline.transformer_params,
+                              mesh)
   batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
   os.makedirs(out_dir, exist_ok=True)
   sheet, records = [], []
@@ -120,9 +132,11 @@ def generate_images(pipeline: Any, prompts: Sequence[str], settings: GenerationS
       bar.desc = f"generate prompts {indices[0] + 1}-{indices[-1] + 1}/{len(prompts)}"
       batch = [prompts[i] for i in indices]
       padded = batch + [batch[-1]] * (batch_size - len(batch))
+      noise = pipeline.prepare_latents(prompt_seeds(padded, s.seed), s.height, s.width)
+      latents = sharding.shard_batch(np.asarray(noise[0] if isinstance(noise, tuple) else noise), mesh, batch_size)
       images = pipeline(padded, height=s.height, width=s.width, num_steps=s.num_steps, guidance=s.guidance,
-                        seed=s.seed, max_sequence_length=s.max_sequence_length, transformer_fn=transformer_fn,
-                        transformer_params=transformer_params, on_step=on_step, progress=bar)
+                        latents=latents, max_sequence_length=s.max_sequence_length, transformer_fn=transformer_fn,
+                        transformer_params=params, on_step=on_step, progress=bar)
       images = np.asarray(images)[:len(batch)]
       images_lib.save_images(out_dir, images, [image_file(i) for i in indices])
       for i, image in zip(indices, images):
@@ -167,6 +181,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.contact_sheet_columns = config_dict.placeholder(int)
   c.output_dir = "outputs/generate"
   c.progress = True
+  c.data_parallel = True         # split each batch over every local device (False: the first device only)
   c.compilation_cache = "auto"   # JAX persistent compilation cache: "auto" (user cache folder), a folder, or "" (off)
   return c
 
@@ -246,5 +261,7 @@ def run(config: Any) -> dict[str, Any]:
     transformer_fn, transformer_params, extra["loras"] = apply_loras(
         pipeline, loras, partial=config.get("lora_partial", False), transformer_fn=transformer_fn,
         transformer_params=transformer_params)
+  mesh = sharding.batch_mesh() if config.get("data_parallel", True) else sharding.single_device_mesh()
   return generate_images(pipeline, prompts, settings, config.output_dir, progress=config.progress,
-                         transformer_fn=transformer_fn, transformer_params=transformer_params, extra=extra)
+                         transformer_fn=transformer_fn, transformer_params=transformer_params, extra=extra,
+                         mesh=mesh)
