@@ -32,8 +32,7 @@ gets those batched inputs, the output ``[N, h, w, out_channels]`` and ``branch``
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +43,12 @@ from svdquant_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from svdquant_jax.pipelines.presets import GenerationDefaults
 from svdquant_jax.models.t5 import T5Config, T5Encoder
 from svdquant_jax.models.vae import AutoencoderKL, VAEConfig
-from svdquant_jax.pipelines import images as images_lib
 from svdquant_jax.pipelines import schedulers
-from svdquant_jax.pipelines.flux import (OUTPUT_TYPES, PipelineConfigError, PipelineInputError, TransformerFn,
-                                         as_jitted, check_prompts, check_size, check_steps, gaussian_noise,
-                                         jitted_apply, prompt_seeds, step_progress)
-from svdquant_jax.utils.progress import Progress
+from svdquant_jax.pipelines.flux import (PipelineConfigError, PipelineInputError, TransformerFn, check_prompts,
+                                         check_size, gaussian_noise, jitted_apply)
+from svdquant_jax.pipelines.guided import GuidedDPMPipeline
 
 Array = jax.Array
-NEGATIVE_PROMPT = ""
 INIT_NOISE_SIGMA = 1.0  # DPMSolverMultistepScheduler.init_noise_sigma
 
 
@@ -61,7 +57,7 @@ def preprocess_prompt(prompt: str) -> str:
   return prompt.lower().strip()
 
 
-class PixArtSigmaPipeline:
+class PixArtSigmaPipeline(GuidedDPMPipeline):
   """PixArt-Sigma from its components.
 
   Args:
@@ -77,6 +73,8 @@ class PixArtSigmaPipeline:
     PipelineConfigError: components that do not fit together, named.
   """
   pipeline_class = "PixArtSigmaPipeline"
+  family = "PixArt"
+  vae_model = AutoencoderKL
 
   def __init__(self, *, transformer_config: PixArtConfig, transformer_params: Any, t5_config: T5Config,
                t5_params: Any, vae_config: VAEConfig, vae_params: Any, t5_tokenizer: Any,
@@ -116,10 +114,6 @@ class PixArtSigmaPipeline:
     """The default (jitted) transformer: ``fn(params, **inputs) -> [N, h, w, out_channels]``."""
     return jitted_apply(PixArtTransformer2DModel, self.transformer_config)
 
-  def uses_cfg(self, guidance: float) -> bool:
-    """Classifier-free guidance runs when ``guidance > 1`` (as diffusers)."""
-    return guidance > 1.0
-
   def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> tuple[Array, Array]:
     """T5 conditioning: ``(prompt_embeds [B, L, d_t5] in the T5 dtype, attention_mask int32 [B, L])``."""
     prompts = check_prompts(prompts)
@@ -136,123 +130,3 @@ class PixArtSigmaPipeline:
     f = self.vae_config.vae_scale_factor
     noise = gaussian_noise(seeds, (height // f, width // f, self.vae_config.latent_channels))
     return (noise * INIT_NOISE_SIGMA).astype(self.transformer_config.dtype)
-
-  def resolve_guidance(self, guidance: float | None) -> float:
-    if guidance is None:
-      return float(self.defaults.guidance)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance):
-      raise PipelineInputError(f"guidance must be a finite number or None, got {guidance!r}")
-    return float(guidance)
-
-  def denoise(self, latents: Array, prompt_embeds: Array, prompt_mask: Array,
-              negative_embeds: Array | None = None, negative_mask: Array | None = None, *,
-              num_steps: int | None = None, guidance: float | None = None,
-              transformer_fn: TransformerFn | None = None, transformer_params: Any = None,
-              on_step: Callable[..., None] | None = None, progress: bool | Progress = True) -> Array:
-    """The DPM-Solver++ loop, with classifier-free guidance when ``guidance > 1``.
-
-    Args:
-      latents: initial noise ``[B, h, w, C]`` (NHWC).
-      prompt_embeds, prompt_mask: from :meth:`encode_prompts`.
-      negative_embeds, negative_mask: the encoded empty prompt (required under CFG).
-      num_steps, guidance: default from :attr:`defaults`.
-      transformer_fn, transformer_params, on_step, progress: the hooks (module docstring).
-
-    Returns:
-      Denoised latents ``[B, h, w, C]`` in ``latents.dtype``.
-    """
-    num_steps = check_steps(self.defaults.num_steps if num_steps is None else num_steps)
-    guidance = self.resolve_guidance(guidance)
-    c = self.transformer_config.in_channels
-    if latents.ndim != 4 or latents.shape[-1] != c:
-      raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected [B, h, w, {c}] (NHWC)")
-    batch = latents.shape[0]
-    if prompt_embeds.shape[0] != batch or prompt_mask.shape != prompt_embeds.shape[:2]:
-      raise PipelineInputError(f"prompt_embeds {tuple(prompt_embeds.shape)} / prompt_mask {tuple(prompt_mask.shape)} "
-                               f"do not match a batch of {batch}")
-    cfg = self.uses_cfg(guidance)
-    if cfg:
-      if negative_embeds is None or negative_mask is None:
-        raise PipelineInputError(f"guidance={guidance} > 1 runs classifier-free guidance and needs negative_embeds "
-                                 "and negative_mask (the encoded empty prompt)")
-      if negative_embeds.shape != prompt_embeds.shape or negative_mask.shape != prompt_mask.shape:
-        raise PipelineInputError(f"negative_embeds {tuple(negative_embeds.shape)} must have the shape of prompt_embeds "
-                                 f"{tuple(prompt_embeds.shape)}")
-      context = jnp.concatenate([negative_embeds, prompt_embeds], axis=0)
-      mask = jnp.concatenate([negative_mask, prompt_mask], axis=0)
-      branch = ["uncond"] * batch + ["cond"] * batch
-    else:
-      context, mask, branch = prompt_embeds, prompt_mask, ["cond"] * batch
-    fn = as_jitted(transformer_fn) if transformer_fn is not None else self.transformer_fn
-    params = self.transformer_params if transformer_params is None else transformer_params
-    timesteps, _ = schedulers.dpm_timesteps(self.scheduler_config, num_steps)
-    state = schedulers.dpm_init_state(self.scheduler_config, num_steps, tuple(latents.shape))
-    with step_progress(progress, num_steps, f"{self.name} denoise") as bar:
-      for i in range(num_steps):
-        model_input = jnp.concatenate([latents, latents], axis=0) if cfg else latents
-        inputs = dict(hidden_states=model_input, encoder_hidden_states=context,
-                      timestep=jnp.full((len(branch),), float(timesteps[i]), jnp.float32),
-                      encoder_attention_mask=mask)
-        output = fn(params, **inputs)
-        if on_step is not None:
-          on_step(i, inputs, output, list(branch))
-        latents, state = _guided_dpm_step(self.scheduler_config, state, latents, output, jnp.int32(i),
-                                          jnp.float32(guidance), cfg=cfg, channels=c)
-        if bar is not None:
-          bar.update()
-    return latents
-
-  def decode(self, latents: Array) -> Array:
-    """Latents ``[B, h, w, C]`` -> images ``[B, 8h, 8w, 3]`` in the VAE dtype, nominally in [-1, 1]."""
-    if latents.ndim != 4 or latents.shape[-1] != self.vae_config.latent_channels:
-      raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected [B, h, w, "
-                               f"{self.vae_config.latent_channels}]")
-    z = self.vae_config.from_latent(latents.astype(self.vae_config.dtype))
-    return jitted_apply(AutoencoderKL, self.vae_config, "decode")(self.vae_params, z)
-
-  def __call__(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-               num_steps: int | None = None, guidance: float | None = None, seed: int = 0,
-               latents: Array | None = None, max_sequence_length: int | None = None, output_type: str = "uint8",
-               transformer_fn: TransformerFn | None = None, transformer_params: Any = None,
-               on_step: Callable[..., None] | None = None, progress: bool | Progress = True) -> Any:
-    """Generates one image per prompt (arguments as ``FluxPipeline.__call__``; ``latents`` is
-    NHWC ``[B, H/8, W/8, C]``)."""
-    prompts = check_prompts(prompts)
-    if output_type not in OUTPUT_TYPES:
-      raise PipelineInputError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
-    height = self.defaults.height if height is None else height
-    width = self.defaults.width if width is None else width
-    check_size(height, width, self.size_multiple, "PixArt")
-    guidance = self.resolve_guidance(guidance)
-    prompt_embeds, prompt_mask = self.encode_prompts(prompts, max_sequence_length)
-    negative_embeds = negative_mask = None
-    if self.uses_cfg(guidance):
-      negative_embeds, negative_mask = self.encode_prompts([NEGATIVE_PROMPT] * len(prompts), prompt_embeds.shape[1])
-    f = self.vae_config.vae_scale_factor
-    if latents is None:
-      latents = self.prepare_latents(prompt_seeds(prompts, seed), height, width)
-    else:
-      latents = jnp.asarray(latents, self.transformer_config.dtype)
-      expected = (len(prompts), height // f, width // f, self.vae_config.latent_channels)
-      if tuple(latents.shape) != expected:
-        raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected {list(expected)}")
-    latents = self.denoise(latents, prompt_embeds, prompt_mask, negative_embeds, negative_mask, num_steps=num_steps,
-                           guidance=guidance, transformer_fn=transformer_fn, transformer_params=transformer_params,
-                           on_step=on_step, progress=progress)
-    if output_type == "latent":
-      return latents
-    images = self.decode(latents)
-    return images if output_type == "float" else images_lib.to_uint8(images)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "cfg", "channels"))
-def _guided_dpm_step(config: schedulers.DPMSolverConfig, state: schedulers.DPMSolverState, latents: Array,
-                     output: Array, step_index: Array, guidance: Array, *, cfg: bool,
-                     channels: int) -> tuple[Array, schedulers.DPMSolverState]:
-  """CFG combination (in the output dtype), learned-sigma drop and one DPM-Solver++ step."""
-  if cfg:
-    uncond, cond = jnp.split(output, 2, axis=0)
-    output = uncond + guidance.astype(output.dtype) * (cond - uncond)
-  if output.shape[-1] == 2 * channels:
-    output = output[..., :channels]
-  return schedulers.dpm_step(config, state, latents, output, step_index)

@@ -30,8 +30,7 @@ keyword arguments of ``SanaTransformer2DModel.__call__``: ``hidden_states [N, h,
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +40,13 @@ from svdquant_jax.models import tokenizers as tokenizers_lib
 from svdquant_jax.models.dc_ae import AutoencoderDC, DCAEConfig
 from svdquant_jax.models.gemma2 import Gemma2Config, Gemma2Model
 from svdquant_jax.models.sana import SanaConfig, SanaTransformer2DModel
-from svdquant_jax.pipelines import images as images_lib
 from svdquant_jax.pipelines import schedulers
-from svdquant_jax.pipelines.flux import (OUTPUT_TYPES, PipelineConfigError, PipelineInputError, TransformerFn,
-                                         as_jitted, check_prompts, check_size, check_steps, gaussian_noise,
-                                         jitted_apply, prompt_seeds, step_progress)
+from svdquant_jax.pipelines.flux import (PipelineConfigError, PipelineInputError, TransformerFn, check_prompts,
+                                         check_size, gaussian_noise, jitted_apply)
+from svdquant_jax.pipelines.guided import NEGATIVE_PROMPT, GuidedDPMPipeline
 from svdquant_jax.pipelines.presets import GenerationDefaults
-from svdquant_jax.utils.progress import Progress
 
 Array = jax.Array
-NEGATIVE_PROMPT = ""
 
 # diffusers SanaPipeline's default ``complex_human_instruction`` (from SANA's app config).
 COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
@@ -77,7 +73,7 @@ def preprocess_prompt(prompt: str) -> str:
   return prompt.lower().strip()
 
 
-class SanaPipeline:
+class SanaPipeline(GuidedDPMPipeline):
   """SANA from its components.
 
   Args:
@@ -94,6 +90,9 @@ class SanaPipeline:
     PipelineConfigError: components that do not fit together, named.
   """
   pipeline_class = "SanaPipeline"
+  family = "SANA"
+  vae_model = AutoencoderDC
+  float32_latents = True
 
   def __init__(self, *, transformer_config: SanaConfig, transformer_params: Any, text_encoder_config: Gemma2Config,
                text_encoder_params: Any, vae_config: DCAEConfig, vae_params: Any, tokenizer: Any,
@@ -133,17 +132,6 @@ class SanaPipeline:
     """The default (jitted) transformer: ``fn(params, **inputs) -> [N, h, w, out_channels]``."""
     return jitted_apply(SanaTransformer2DModel, self.transformer_config)
 
-  def uses_cfg(self, guidance: float) -> bool:
-    """Classifier-free guidance runs when ``guidance > 1`` (as diffusers)."""
-    return guidance > 1.0
-
-  def resolve_guidance(self, guidance: float | None) -> float:
-    if guidance is None:
-      return float(self.defaults.guidance)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance):
-      raise PipelineInputError(f"guidance must be a finite number or None, got {guidance!r}")
-    return float(guidance)
-
   def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int | None = None, *,
                      instruction: bool = True) -> tuple[Array, Array]:
     """Gemma-2 conditioning: ``(prompt_embeds [B, L, hidden] in the encoder dtype, mask int32 [B, L])``.
@@ -178,126 +166,16 @@ class SanaPipeline:
     f = self.vae_config.vae_scale_factor
     return gaussian_noise(seeds, (height // f, width // f, self.vae_config.latent_channels))
 
-  def denoise(self, latents: Array, prompt_embeds: Array, prompt_mask: Array,
-              negative_embeds: Array | None = None, negative_mask: Array | None = None, *,
-              num_steps: int | None = None, guidance: float | None = None,
-              transformer_fn: TransformerFn | None = None, transformer_params: Any = None,
-              on_step: Callable[..., None] | None = None, progress: bool | Progress = True) -> Array:
-    """The flow DPM-Solver loop, with classifier-free guidance when ``guidance > 1``.
+  # Where SANA's numerics differ from PixArt's (as diffusers' SanaPipeline): the text conditioning
+  # and the latents enter the transformer in its dtype, the timestep is scaled.
+  def encode_negative(self, count: int, length: int) -> tuple[Array, Array]:
+    return self.encode_prompts([NEGATIVE_PROMPT] * count, length, instruction=False)
 
-    Args:
-      latents: initial noise ``[B, h, w, C]`` (NHWC), kept float32.
-      prompt_embeds, prompt_mask: from :meth:`encode_prompts`.
-      negative_embeds, negative_mask: the encoded empty prompt (required under CFG).
-      num_steps, guidance: default from :attr:`defaults`.
-      transformer_fn, transformer_params, on_step, progress: the hooks (module docstring).
+  def conditioning(self, context: Array, mask: Array) -> tuple[Array, Array]:
+    return context.astype(self.transformer_config.dtype), jnp.asarray(mask, jnp.int32)
 
-    Returns:
-      Denoised float32 latents ``[B, h, w, C]``.
-    """
-    num_steps = check_steps(self.defaults.num_steps if num_steps is None else num_steps)
-    guidance = self.resolve_guidance(guidance)
+  def model_inputs(self, latents: Array, context: Array, mask: Array, timestep: float) -> dict[str, Array]:
     tc = self.transformer_config
-    c = tc.in_channels
-    if latents.ndim != 4 or latents.shape[-1] != c:
-      raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected [B, h, w, {c}] (NHWC)")
-    latents = jnp.asarray(latents, jnp.float32)
-    batch = latents.shape[0]
-    if prompt_embeds.shape[0] != batch or prompt_mask.shape != prompt_embeds.shape[:2]:
-      raise PipelineInputError(f"prompt_embeds {tuple(prompt_embeds.shape)} / prompt_mask {tuple(prompt_mask.shape)} "
-                               f"do not match a batch of {batch}")
-    cfg = self.uses_cfg(guidance)
-    if cfg:
-      if negative_embeds is None or negative_mask is None:
-        raise PipelineInputError(f"guidance={guidance} > 1 runs classifier-free guidance and needs negative_embeds "
-                                 "and negative_mask (the encoded empty prompt)")
-      if negative_embeds.shape[0] != batch or negative_embeds.shape[2:] != prompt_embeds.shape[2:] \
-          or negative_mask.shape != negative_embeds.shape[:2]:
-        raise PipelineInputError(f"negative_embeds {tuple(negative_embeds.shape)} / negative_mask "
-                                 f"{tuple(negative_mask.shape)} do not match prompt_embeds "
-                                 f"{tuple(prompt_embeds.shape)}")
-      if negative_embeds.shape[1] != prompt_embeds.shape[1]:
-        raise PipelineInputError(f"negative_embeds has {negative_embeds.shape[1]} tokens, prompt_embeds "
-                                 f"{prompt_embeds.shape[1]}: encode both at one max_sequence_length")
-      context = jnp.concatenate([negative_embeds, prompt_embeds], axis=0)
-      mask = jnp.concatenate([negative_mask, prompt_mask], axis=0)
-      branch = ["uncond"] * batch + ["cond"] * batch
-    else:
-      context, mask, branch = prompt_embeds, prompt_mask, ["cond"] * batch
-    context = context.astype(tc.dtype)
-    mask = jnp.asarray(mask, jnp.int32)
-    fn = as_jitted(transformer_fn) if transformer_fn is not None else self.transformer_fn
-    params = self.transformer_params if transformer_params is None else transformer_params
-    timesteps, _ = schedulers.dpm_timesteps(self.scheduler_config, num_steps)
-    state = schedulers.dpm_init_state(self.scheduler_config, num_steps, tuple(latents.shape))
-    with step_progress(progress, num_steps, f"{self.name} denoise") as bar:
-      for i in range(num_steps):
-        model_input = jnp.concatenate([latents, latents], axis=0) if cfg else latents
-        t = np.float32(np.float32(timesteps[i]) * np.float32(tc.timestep_scale))
-        inputs = dict(hidden_states=model_input.astype(tc.dtype), encoder_hidden_states=context,
-                      timestep=jnp.full((len(branch),), t, jnp.float32), encoder_attention_mask=mask)
-        output = fn(params, **inputs)
-        if on_step is not None:
-          on_step(i, inputs, output, list(branch))
-        latents, state = _guided_dpm_step(self.scheduler_config, state, latents, output, jnp.int32(i),
-                                          jnp.float32(guidance), cfg=cfg, channels=c)
-        if bar is not None:
-          bar.update()
-    return latents
-
-  def decode(self, latents: Array) -> Array:
-    """Latents ``[B, h, w, C]`` -> images ``[B, 32h, 32w, 3]`` in the DC-AE dtype, nominally in [-1, 1]."""
-    if latents.ndim != 4 or latents.shape[-1] != self.vae_config.latent_channels:
-      raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected [B, h, w, "
-                               f"{self.vae_config.latent_channels}]")
-    z = self.vae_config.from_latent(latents.astype(self.vae_config.dtype))
-    return jitted_apply(AutoencoderDC, self.vae_config, "decode")(self.vae_params, z)
-
-  def __call__(self, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-               num_steps: int | None = None, guidance: float | None = None, seed: int = 0,
-               latents: Array | None = None, max_sequence_length: int | None = None, output_type: str = "uint8",
-               transformer_fn: TransformerFn | None = None, transformer_params: Any = None,
-               on_step: Callable[..., None] | None = None, progress: bool | Progress = True) -> Any:
-    """Generates one image per prompt (arguments as ``FluxPipeline.__call__``; ``latents`` is
-    NHWC ``[B, H/32, W/32, C]``)."""
-    prompts = check_prompts(prompts)
-    if output_type not in OUTPUT_TYPES:
-      raise PipelineInputError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
-    height = self.defaults.height if height is None else height
-    width = self.defaults.width if width is None else width
-    check_size(height, width, self.size_multiple, "SANA")
-    guidance = self.resolve_guidance(guidance)
-    prompt_embeds, prompt_mask = self.encode_prompts(prompts, max_sequence_length)
-    negative_embeds = negative_mask = None
-    if self.uses_cfg(guidance):
-      negative_embeds, negative_mask = self.encode_prompts([NEGATIVE_PROMPT] * len(prompts), prompt_embeds.shape[1],
-                                                           instruction=False)
-    f = self.vae_config.vae_scale_factor
-    if latents is None:
-      latents = self.prepare_latents(prompt_seeds(prompts, seed), height, width)
-    else:
-      latents = jnp.asarray(latents, jnp.float32)
-      expected = (len(prompts), height // f, width // f, self.vae_config.latent_channels)
-      if tuple(latents.shape) != expected:
-        raise PipelineInputError(f"latents has shape {tuple(latents.shape)}, expected {list(expected)}")
-    latents = self.denoise(latents, prompt_embeds, prompt_mask, negative_embeds, negative_mask, num_steps=num_steps,
-                           guidance=guidance, transformer_fn=transformer_fn, transformer_params=transformer_params,
-                           on_step=on_step, progress=progress)
-    if output_type == "latent":
-      return latents
-    images = self.decode(latents)
-    return images if output_type == "float" else images_lib.to_uint8(images)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "cfg", "channels"))
-def _guided_dpm_step(config: schedulers.DPMSolverConfig, state: schedulers.DPMSolverState, latents: Array,
-                     output: Array, step_index: Array, guidance: Array, *, cfg: bool,
-                     channels: int) -> tuple[Array, schedulers.DPMSolverState]:
-  """CFG combination in float32 (as diffusers upcasts the output first), learned-sigma drop, one step."""
-  output = output.astype(jnp.float32)
-  if cfg:
-    uncond, cond = jnp.split(output, 2, axis=0)
-    output = uncond + guidance * (cond - uncond)
-  if output.shape[-1] == 2 * channels:
-    output = output[..., :channels]
-  return schedulers.dpm_step(config, state, latents, output, step_index)
+    t = np.float32(np.float32(timestep) * np.float32(tc.timestep_scale))
+    return dict(hidden_states=latents.astype(tc.dtype), encoder_hidden_states=context,
+                timestep=jnp.full((latents.shape[0],), t, jnp.float32), encoder_attention_mask=mask)
