@@ -30,7 +30,7 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
-from svdquant_jax.models.flux_lora import load_flux_lora
+from svdquant_jax.models.flux_lora import is_nunchaku_format, load_flux_lora
 from svdquant_jax.models.flux_lora import parse_lora_spec as parse_loras
 from svdquant_jax.nn import lora_params, with_lora
 from svdquant_jax.flows import nunchaku as nunchaku_flow
@@ -39,9 +39,11 @@ from svdquant_jax.pipelines import prompts as prompts_lib
 from svdquant_jax.pipelines.flux import prompt_seeds
 from svdquant_jax.pipelines.loading import load_pipeline
 from svdquant_jax.quant import quantized_model
+from svdquant_jax.quant.nunchaku import lora as nunchaku_lora
 from svdquant_jax.quant.adapters import adapter_for_pipeline
 from svdquant_jax.utils import compile_cache, sharding
 from svdquant_jax.utils.files import atomic_write_text
+from svdquant_jax.utils.safetensors_io import SafetensorsFile
 from svdquant_jax.utils.progress import Progress
 
 CONTACT_SHEET = "contact_sheet.png"
@@ -209,6 +211,14 @@ def settings_from_config(config: Any) -> GenerationSettings:
                             contact_sheet_columns=config.contact_sheet_columns)
 
 
+def _load_lora(path: str, config: Any, params: Any, partial: bool, quantized: bool) -> Any:
+  """A LoRA file on our layer paths: any published format, or a Nunchaku-format LoRA when the
+  transformer is the 4-bit checkpoint it was made for (its base branch is checked)."""
+  if quantized and is_nunchaku_format(SafetensorsFile(path).keys()):
+    return nunchaku_lora.load_nunchaku_lora(path, params, config, partial=partial)
+  return load_flux_lora(path, config, partial=partial)
+
+
 def apply_loras(pipeline: Any, loras: Sequence[tuple[str, float]], *, partial: bool = False,
                 transformer_fn: Callable[..., Any] | None = None,
                 transformer_params: Any = None) -> tuple[Callable[..., Any], Any, list[dict[str, Any]]]:
@@ -220,16 +230,19 @@ def apply_loras(pipeline: Any, loras: Sequence[tuple[str, float]], *, partial: b
 
   Raises:
     ValueError: the pipeline is not FLUX.
-    LoraError: a LoRA file that does not fit the transformer (see ``load_flux_lora``).
+    LoraError: a LoRA file that does not fit the transformer (see ``load_flux_lora``), or a
+      Nunchaku-format LoRA on a float transformer or on another checkpoint than its own (see
+      ``svdquant_jax.quant.nunchaku.lora``).
   """
   adapter = adapter_for_pipeline(pipeline)
   if adapter.family != "flux":
     raise ValueError(f"LoRAs are supported for FLUX transformers, not {adapter.family!r} ({pipeline.name})")
-  if transformer_fn is None:
+  quantized = transformer_fn is not None
+  if not quantized:
     model = adapter.model
     transformer_fn = lambda params, **inputs: model.apply({"params": params}, **inputs)  # noqa: E731
     transformer_params = pipeline.transformer_params
-  files = [load_flux_lora(path, adapter.config, partial=partial) for path, _ in loras]
+  files = [_load_lora(path, adapter.config, transformer_params, partial, quantized) for path, _ in loras]
   for lora in files:
     logging.info("LoRA %s", lora.summary())
   tree = lora_params(files, [s for _, s in loras], dtype=adapter.config.param_dtype)

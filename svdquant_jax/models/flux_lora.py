@@ -127,6 +127,12 @@ class FluxLora:
             f"{self.source}: no layers") + f", {len(self.bias)} bias deltas, {len(self.norms)} norm weights"
 
 
+def is_nunchaku_format(keys: Any) -> bool:
+  """Whether a LoRA's keys are Nunchaku's own layer names (``.mlp_fc``, ``mlp_context_fc1``): a file
+  that stores whole low-rank branches of one quantized checkpoint (``svdquant_jax.quant.nunchaku.lora``)."""
+  return any(s in k for k in keys for s in _NUNCHAKU)
+
+
 def _listing(keys: Sequence[str]) -> str:
   keys = sorted(keys)
   more = f", ... ({len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
@@ -355,7 +361,9 @@ def normalize(tensors: Mapping[str, np.ndarray], config: FluxConfig, *, metadata
     raise LoraError(
         f"{source} is a Nunchaku-format LoRA (e.g. key {nunchaku[0]!r}): such files store the layers' whole "
         "low-rank branch, the base model's own SVD branch of one particular quantized checkpoint included, so "
-        "they apply to that checkpoint only. Load the original LoRA (diffusers, kohya or ComfyUI format) instead.")
+        "they apply to that checkpoint only: pass it with the 4-bit checkpoint it was converted from (the generate "
+        "command does: --config.nunchaku=... or --config.quantized_model=...), or load the original LoRA (diffusers, "
+        "kohya or ComfyUI format), which fits any base.")
   t = _tables(config)
   notes, warnings = [], []
   text = sorted(k for k in tensors if k.startswith(_TEXT_ENCODER))
