@@ -34,7 +34,9 @@ def _compilation_cache_in_tmp(tmp_path_factory):
 
 # Every compiled XLA CPU program holds ~6 memory mappings until it is freed. The whole suite
 # compiles thousands of programs in one process, and past the kernel's vm.max_map_count (65530
-# by default) the next mapping fails and XLA's compiler crashes with SIGSEGV. Between tests, once
+# by default) the next mapping fails ("LLVM compilation error: Cannot allocate memory") and XLA's
+# compiler crashes with SIGSEGV (reproduced: a process holding 65,000 mappings crashes on its next
+# compile; at 30,000 it compiles on). Between tests, once
 # the process holds more than MAX_MAPPINGS mappings, the compiled programs are dropped (the next
 # test recompiles what it needs).
 MAX_MAPPINGS = 30_000
