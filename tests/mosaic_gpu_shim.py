@@ -7,6 +7,13 @@ test-only; the kernel itself is the one that lowers for CUDA:
 * an 8-bit ``wgmma`` wants its B operand K-major, ``transpose_ref(w_smem [N, K], (1, 0))``; the
   interpreter's wgmma callback only reads plain ``[K, N]`` buffers. The wrapper drops the
   transpose from B's transforms and transposes the buffer it reads instead.
+
+The transpose is thread-local: the interpreter runs each simulated warpgroup in its own thread,
+and the callbacks' module-level ``np`` is shared. (A first version swapped ``np`` for the duration
+of the call, under a lock that only the patched callback took: with two compute warpgroups, one
+warpgroup's untransposed low-rank wgmma can run during the other's transposed int8 wgmma and then
+computes ``a @ b.T``, silently where ``b`` is square. The most likely cause of one failed run of
+the two-warpgroup interpreter test, relative error 0.69; it did not recur in 4 reruns.)
 """
 
 from __future__ import annotations
@@ -17,19 +24,22 @@ import jax
 import numpy
 
 SUPPORTED_JAX = ("0.10.2",)
-_LOCK = threading.Lock()
 _INSTALLED = False
+_LOCAL = threading.local()
 
 
-class _TransposingNumpy:
-  """``numpy`` with ``matmul(a, b)`` computing ``a @ b.T`` (swapped in for one callback)."""
+class _Numpy:
+  """``numpy``, except that ``matmul(a, b)`` computes ``a @ b.T`` in a thread that is inside a
+  transposed-B wgmma callback (installed as the callbacks' ``np``)."""
 
   def __getattr__(self, name):
     return getattr(numpy, name)
 
   @staticmethod
   def matmul(a, b, **kwargs):
-    return numpy.matmul(a, numpy.swapaxes(b, -1, -2), **kwargs)
+    if getattr(_LOCAL, "transpose_b", False):
+      b = numpy.swapaxes(b, -1, -2)
+    return numpy.matmul(a, b, **kwargs)
 
 
 def install() -> None:
@@ -55,12 +65,12 @@ def install() -> None:
     if len(transposes) > 1 or not isinstance(b_transforms[-1], TransposeTransform) \
         or tuple(transposes[0].permutation) != (1, 0):
       raise NotImplementedError(f"mosaic_gpu_shim: B transforms {b_transforms}")
-    with _LOCK:
-      gpu_callbacks.np = _TransposingNumpy()
-      try:
-        return original(b_transforms=tuple(b_transforms[:-1]), **kwargs)
-      finally:
-        gpu_callbacks.np = numpy
+    _LOCAL.transpose_b = True
+    try:
+      return original(b_transforms=tuple(b_transforms[:-1]), **kwargs)
+    finally:
+      _LOCAL.transpose_b = False
 
+  gpu_callbacks.np = _Numpy()
   gpu_callbacks.wgmma = wgmma
   _INSTALLED = True
