@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check of the kernel backends, on a machine with an NVIDIA GPU, in under 8 minutes:
 #   1. the kernel correctness tests compiled, not in interpret mode (SVDQUANT_KERNEL_TESTS=native):
-#      tests/test_kernels.py (every backend's KernelTestBase subclass, exact kernel 1, the integer
-#      GEMM bit for bit), tests/test_ptx_compile.py (the production tiles at every masking edge;
+#      tests/test_kernels.py and tests/test_mosaic_gpu_native.py (every backend's KernelTestBase
+#      subclass, the Mosaic GPU kernel in its three forms, exact kernel 1, the integer GEMM bit for
+#      bit), tests/test_ptx_compile.py (the production tiles at every masking edge;
 #      its sm_90 compile checks skip there, they are CPU-side) and tests/test_dense.py (the layer
 #      on the default backend, which is the GPU kernel there);
-#   2. launch/benchmark_kernels.py at the FLUX.1 1024x1024 shapes, one layer at a time within the
+#   2. launch/benchmark_kernels.py at the FLUX.1 1024x1024 shapes (Triton, and the Mosaic GPU
+#      kernel's table tile, two-warpgroup and packed-weight forms), one layer at a time within the
 #      time left: its tables on stdout, <out>/<layer>/results.{json,md} and <out>/benchmark.json.
 #
 #   launch/gpu_check.sh [OUT_DIR]      # default: $OUT, else outputs/gpu_check
@@ -42,7 +44,7 @@ EOF
 mkdir -p "$out"
 
 SVDQUANT_KERNEL_TESTS=native timeout 200 "$py" -m pytest -q -p no:cacheprovider \
-  tests/test_kernels.py tests/test_ptx_compile.py tests/test_dense.py 2>&1 | tee "$out/tests.log"
+  tests/test_kernels.py tests/test_mosaic_gpu_native.py tests/test_ptx_compile.py tests/test_dense.py 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 
 bench=0

@@ -12,6 +12,9 @@ the ratios are measured side by side:
 * ``reference``: the exact SVDQuant op in XLA (``backend="reference"``; scans over groups).
 * ours: ``triton`` at ranks 32 and 0 with the tile table's config, and with ``sweep`` every
   candidate of ``tuning.TRITON_*_CANDIDATES``; plus kernel 1 and kernel 2 timed alone.
+* ``mosaic_gpu`` (on a GPU only; the GPU interpreter is too slow for timing): the tile table's
+  tile and :data:`MOSAIC_FORMS` (two compute warpgroups, in-kernel 4-bit unpack, both), with
+  ``sweep`` every ``mosaic_gpu.MOSAIC_CANDIDATES`` tile; each checked against the reference.
 
 Correctness (``check``, default on): kernel-1 codes and scales must equal the reference's bit for
 bit and the output must agree within relative error 1e-2 (bf16); failures are reported in the
@@ -40,7 +43,7 @@ import numpy as np
 
 from svdquant_jax.formats import packing
 from svdquant_jax.formats import quantizers as q
-from svdquant_jax.pallas import reference, triton, tuning
+from svdquant_jax.pallas import mosaic_gpu, reference, triton, tuning
 from svdquant_jax.utils.files import atomic_write_text
 
 # name -> (K, N, block kind, shifted unsigned input)
@@ -220,6 +223,30 @@ def _configs(m: int, n: int, k: int, interpret: bool, sweep: bool) -> list[tunin
   return configs
 
 
+# The Mosaic GPU forms timed beside the table's tile (which one is fastest is the first GPU question).
+MOSAIC_FORMS: tuple[mosaic_gpu.MosaicTile, ...] = (
+    mosaic_gpu.MosaicTile(128, 128, 4, compute_wgs=2),
+    mosaic_gpu.MosaicTile(128, 64, 4, packed_weight=True),
+    mosaic_gpu.MosaicTile(128, 128, 4, compute_wgs=2, packed_weight=True),
+)
+
+
+def _mosaic_tiles(sweep: bool) -> list[mosaic_gpu.MosaicTile]:
+  tiles = [mosaic_gpu.mosaic_tile()] + list(mosaic_gpu.MOSAIC_CANDIDATES if sweep else MOSAIC_FORMS)
+  return [t for i, t in enumerate(tiles) if t.name not in {u.name for u in tiles[:i]}]
+
+
+def _mosaic(tile: mosaic_gpu.MosaicTile) -> Callable:
+  return jax.jit(lambda x, layer: mosaic_gpu.svdquant_linear_mosaic_gpu(x, layer["ql"], tile=tile))
+
+
+def _output_error(fn: Callable, x: jax.Array, layer: dict[str, Any]) -> float:
+  """Relative L2 error of ``fn(x, layer)`` against the reference op."""
+  want = np.asarray(reference.svdquant_linear_reference(x, layer["ql"]), np.float32)
+  got = np.asarray(fn(x, layer), np.float32)
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
 def _safe(record: Result, fn: Callable[[], None]) -> None:
   try:
     fn()
@@ -272,6 +299,18 @@ def benchmark_shape(layer_name: str, k: int, n: int, m: int, shifted: bool, s: K
         acts = [jax.block_until_ready(k1(*a)) for a in args]
         timed("triton_kernel2", _kernel2(cfg, interpret), [(acts[i], layers[i]) for i in range(s.rotate)],
               rank, cfg.name)
+    if interpret:
+      continue
+    for tile in _mosaic_tiles(s.sweep):
+      fn = _mosaic(tile)
+      sweep = tile.name != mosaic_gpu.mosaic_tile().name and tile not in MOSAIC_FORMS
+      r = timed("mosaic_gpu", fn, args, rank, tile.name, sweep=sweep)
+      if s.check and r.error is None:
+        def check_mosaic(r=r, fn=fn):
+          r.rel_err = _output_error(fn, xs[0], layers[0])
+          if not r.rel_err <= RTOL:
+            r.error = f"check failed: rel_err={r.rel_err:.3e}"
+        _safe(r, check_mosaic)
   return results
 
 
@@ -314,8 +353,8 @@ def format_table(result: dict[str, Any]) -> str:
   """Per shape: the baselines, our best config at each rank, and ours vs each baseline (markdown)."""
   results: Sequence[Result] = result["results"]
   lines = ["| layer | M | K x N | xla bf16 us | w4a16 us | int8 proxy us | ours r32 us | ours r0 us | "
-           "bf16/ours r32 | w4a16/ours r32 | proxy/ours r32 | check |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "mosaic r32 us | bf16/ours r32 | w4a16/ours r32 | proxy/ours r32 | check |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   shapes = []
   for r in results:
     if (r.layer, r.m) not in shapes:
@@ -324,18 +363,19 @@ def format_table(result: dict[str, Any]) -> str:
     rs = [r for r in results if r.layer == layer and r.m == m]
     base = {r.impl: r.median_us for r in rs if r.rank in (None, 32, 0) and r.impl.startswith("xla")}
 
-    def best(rank: int) -> float | None:
-      times = [r.median_us for r in rs if r.impl == "triton" and r.rank == rank and r.median_us is not None]
+    def best(rank: int, impl: str = "triton") -> float | None:
+      times = [r.median_us for r in rs if r.impl == impl and r.rank == rank and r.median_us is not None]
       return min(times) if times else None
 
     o32, o0 = best(32), best(0)
     ratio = lambda b: "-" if b is None or o32 is None else f"{b / o32:.2f}x"
-    checks = [r for r in rs if r.impl == "triton" and r.rel_err is not None]
+    checks = [r for r in rs if r.impl in ("triton", "mosaic_gpu") and r.rel_err is not None and not r.sweep]
     failures = [r for r in rs if r.error and not r.sweep]
     check = "FAIL" if failures else ("ok " + ", ".join(f"{r.rel_err:.1e}" for r in checks) if checks else "-")
     k, n = rs[0].k, rs[0].n
     lines.append(f"| {layer} | {m} | {k}x{n} | {_fmt_us(base.get('xla_bf16'))} | {_fmt_us(base.get('xla_w4a16'))} | "
                  f"{_fmt_us(base.get('xla_int8_proxy'))} | {_fmt_us(o32)} | {_fmt_us(o0)} | "
+                 f"{_fmt_us(best(32, 'mosaic_gpu'))} | "
                  f"{ratio(base.get('xla_bf16'))} | {ratio(base.get('xla_w4a16'))} | "
                  f"{ratio(base.get('xla_int8_proxy'))} | {check} |")
   return "\n".join(lines)
