@@ -207,8 +207,13 @@ def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, fmt_name, legacy):
   out = str(tmp_path / ("model" if legacy else "model.safetensors"))
   summary = nunchaku.export_flux(qparams, specs, config, out, legacy=legacy, progress=False)
   assert summary["format"] == fmt_name and summary["rank"] == 20
+  hugepages = np._core.multiarray._set_madvise_hugepage(True)  # the loader turns it off while it runs
   loaded = nunchaku.load_flux(out, progress=False)
+  assert np._core.multiarray._set_madvise_hugepage(hugepages) is True  # and restores it
   assert loaded.config == config and loaded.fmt == fmt_name and loaded.rank == 20
+  one_thread = trees.flatten(nunchaku.load_flux(out, progress=False, threads=1).params)
+  assert all(np.array_equal(np.asarray(v).view(np.uint8), np.asarray(one_thread[k]).view(np.uint8))
+             for k, v in trees.flatten(loaded.params).items()) and len(one_thread) == len(trees.flatten(loaded.params))
   expected = trees.flatten(_adaln_bias_rounded(qparams, config))
   got = trees.flatten(loaded.params)
   if fmt_name == "nvfp4":  # no shift: our proj_out_mlp has no bias; Nunchaku's goes to proj_out_attn
@@ -423,3 +428,49 @@ def test_export_command_then_generate_with_the_file(tmp_path):
   assert psnr > 30, psnr  # only the bfloat16 rounding of the float32 model separates them
   bad = run("export_nunchaku.py", f"--config.quantized_model={folder}", f"--config.output={tmp_path / 'x.bin'}")
   assert bad.returncode != 0 and "Traceback" not in bad.stderr and ".safetensors file" in bad.stderr
+
+
+def test_expected_params_equals_a_whole_model_trace():
+  """Built block by block (one trace per distinct block), it must equal tracing the whole model."""
+  from svdquant_jax.nn import swap_dense
+  config = flux_lib.FLUX_PRESETS["flux-tiny"]  # 2 + 2 blocks
+  specs = {}
+  for _, ours, layers, _ in flux_layout.blocks(config):
+    for layer in layers:
+      rank = 8 if ours == "transformer_blocks_1" else 16  # one double block differs
+      shift = GELU_SHIFT if layer.shifted else 0.0
+      specs[f"{ours}/{layer.path}"] = (WeightOnlySpec("int4", 64) if layer.kind == "awq"
+                                       else QuantSpec(rank=rank, fmt="int4", shift=shift))
+  specs["proj_out"] = QuantSpec(rank=4, fmt="int4")  # outside the blocks
+  model = flux_lib.FluxTransformer2DModel(config)
+
+  def init(key, inputs):
+    with swap_dense(specs):
+      return model.init(key, **inputs)["params"]
+  whole = trees.flatten(jax.eval_shape(init, jax.random.key(0), flux_lib.example_inputs(config)))
+  fast = trees.flatten(flux_layout.expected_params(config, specs))
+  assert list(fast) == list(whole)  # same leaves, same order
+  assert {k: (v.shape, v.dtype) for k, v in fast.items()} == {k: (v.shape, v.dtype) for k, v in whole.items()}
+  assert fast["transformer_blocks_1/attn/to_qkv/lora_down"].shape == (config.inner_dim, 8)
+  assert fast["transformer_blocks_0/attn/to_qkv/lora_down"].shape == (config.inner_dim, 16)
+  assert fast["proj_out/lora_up"].shape[0] == 4
+
+
+def test_blocks_load_in_order_with_bounded_work():
+  from svdquant_jax.quant.nunchaku import load as load_lib
+  started = []
+
+  def work(i):
+    started.append(i)
+    if i == 3:
+      raise ValueError("block 3 is bad")
+    return i * i
+
+  assert list(load_lib._in_order(lambda i: i * i, range(10), 1)) == [i * i for i in range(10)]
+  assert list(load_lib._in_order(lambda i: i * i, range(10), 2)) == [i * i for i in range(10)]
+  got = []
+  with pytest.raises(ValueError, match="block 3 is bad"):
+    for value in load_lib._in_order(work, range(100), 2):
+      got.append(value)
+  assert got == [0, 1, 4]  # results in order up to the first error
+  assert len(started) <= 3 + 2 + 1  # at most workers + 1 submitted past the last result taken

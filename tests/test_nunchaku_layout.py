@@ -18,6 +18,7 @@ from deepcompressor.backend.nunchaku.utils import NunchakuWeightPacker
 from deepcompressor.backend.tinychat import utils as dc_tinychat
 
 from svdquant_jax.formats import nunchaku as nk
+from svdquant_jax.formats import nunchaku_layout, packing
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
@@ -153,6 +154,66 @@ def test_interleave_matches_deepcompressor(S):  # noqa: N803
   assert ours[S * 3 + 1, 0] == x[1 * 8 + 3, 0]  # stored row d·S + c = chunk c, channel d
   assert np.array_equal(nk.deinterleave_rows(ours, S), x)
   assert np.array_equal(nk.interleave_rows(x[:, 0], S), ours[:, 0])  # 1-D works the same
+
+
+# ----------------------------------------------------------------------------- straight to our packing
+@pytest.mark.parametrize("n,k", [(128, 128), (200, 192), (8, 320), (256, 512), (384, 64)])
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_repack_qweight_equals_our_packing_of_the_codes(fmt, n, k):
+  rng = np.random.default_rng(n + k)
+  signed = fmt == "int4"
+  codes = rng.integers(-8, 8, (n, k)) if signed else rng.integers(0, 16, (n, k))
+  codes[0, :16] = np.arange(-8, 8) if signed else np.arange(16)
+  stored = nk.pack_qweight(codes)  # deepcompressor's bytes (test_qweight_matches_packer)
+  ours = nk.repack_qweight(stored, n, k)
+  want = packing.pack_int4(codes.astype(np.int8 if signed else np.uint8), signed=signed)
+  assert ours.dtype == np.uint8 and ours.flags.c_contiguous
+  assert_same(ours, want, "repacked qweight")
+  # code (row 3, column 40) sits in row 3, byte 8 (its 64-block's byte 40 - 32), high nibble
+  assert (ours[3, 8] >> 4) == (codes[3, 40] & 0xF)
+  dec = nk.decode_w4a4({"qweight": stored, "wscales": np.ones((nk.ceil_to(k, 128) // 64, nk.ceil_to(n, 128)), BF16)
+                        if signed else np.ones((nk.ceil_to(k, 128) // 16, nk.ceil_to(n, 128)), FP8),
+                        "bias": np.zeros(nk.ceil_to(n, 128), BF16), "smooth": np.ones(nk.ceil_to(k, 128), BF16)},
+                       n, k, fmt, repack=True)
+  assert "codes" not in dec and np.array_equal(dec["packed"], want)
+  buffer = stored.copy()
+  in_place = nk.repack_qweight(buffer, n, k, overwrite=True)
+  assert_same(in_place, want, "repacked in place")
+  if (n, k) == (nk.ceil_to(n, 128), nk.ceil_to(k, 128)):  # no padding to strip: the result is the buffer
+    assert np.shares_memory(in_place, buffer)
+  stored.flags.writeable = False  # e.g. a file mapping: left alone
+  assert np.array_equal(nk.repack_qweight(stored, n, k, overwrite=True), want)
+  assert np.array_equal(stored, nk.pack_qweight(codes))
+
+
+@pytest.mark.parametrize("S,n,k", [(6, 48, 256), (3, 96, 128), (1, 8, 64), (6, 72, 192), (3, 12, 1024)])
+def test_repack_awq_qweight_equals_our_packing_of_the_codes(S, n, k):  # noqa: N803
+  rng = np.random.default_rng(S * n + k)
+  u = rng.integers(0, 16, (n, k))  # diffusers row order
+  stored = nk.pack_awq_qweight(nk.interleave_rows(u, S))  # tinychat's bytes (test_awq_qweight_matches_tinychat)
+  ours = nk.repack_awq_qweight(stored, S)
+  want = packing.pack_int4(u.astype(np.uint8), signed=False)
+  assert ours.dtype == np.uint8 and ours.shape == (n, k // 2)
+  assert_same(ours, want, "repacked AWQ qweight")
+  tensors = nk.awq_tensors(u=u, wscales=np.ones((n, k // 64)), S=S, dtype=BF16)
+  dec = nk.decode_awq(tensors, S, repack=True)
+  assert "u" not in dec and np.array_equal(dec["packed"], want)
+  assert np.array_equal(dec["wscales"], nk.decode_awq(tensors, S)["wscales"])
+
+
+def test_repack_in_many_slices(monkeypatch):
+  """Slices of two 128-row tiles / two runs of rows, the last one partial: the same bytes."""
+  rng = np.random.default_rng(11)
+  codes = rng.integers(-8, 8, (5 * 128 - 56, 192))  # 5 tiles (K_p = 256: 16 KiB a tile)
+  monkeypatch.setattr(nunchaku_layout, "_CHUNK_BYTES", 2 * 16384)
+  ours = nk.repack_qweight(nk.pack_qweight(codes), *codes.shape)
+  assert_same(ours, packing.pack_int4(codes.astype(np.int8)), "qweight in slices of 2, 2, 1 tiles")
+  ours = nk.repack_qweight(nk.pack_qweight(codes), *codes.shape, overwrite=True)
+  assert_same(ours, packing.pack_int4(codes.astype(np.int8)), "qweight in place, in slices")
+  u = rng.integers(0, 16, (5 * 12, 128))  # S = 6: 5 runs of lcm(4, 6) = 12 rows, 768 bytes each
+  monkeypatch.setattr(nunchaku_layout, "_CHUNK_BYTES", 2 * 768)
+  ours = nk.repack_awq_qweight(nk.pack_awq_qweight(nk.interleave_rows(u, 6)), 6)
+  assert_same(ours, packing.pack_int4(u.astype(np.uint8), signed=False), "AWQ qweight in slices of 2, 2, 1 runs")
 
 
 # ----------------------------------------------------------------------------- AWQ (adaLN) layer
@@ -424,6 +485,11 @@ BAD = [
     (lambda: nk.pack_qweight(np.array([[-1, 9]])), r"mix negative INT4 codes"),
     (lambda: nk.unpack_qweight(np.zeros((128, 32), np.int8), 128, 128, signed=True),
      r"qweight: expected stored shape \[128, 64\], got \[128, 32\]"),
+    (lambda: nk.repack_qweight(np.zeros((128, 64), np.int8), 128, 96), r"repack_qweight: K=96 is not a multiple of 64"),
+    (lambda: nk.repack_qweight(np.zeros((128, 32), np.int8), 128, 128),
+     r"repack_qweight: qweight: expected stored shape \[128, 64\], got \[128, 32\]"),
+    (lambda: nk.repack_awq_qweight(np.zeros((12, 32), np.int64), 6), r"expected int32 \[N/4, K/2\] .* got int64"),
+    (lambda: nk.repack_awq_qweight(np.zeros((10, 32), np.int32), 6), r"N=40 rows are not divisible by S=6"),
     (lambda: nk.pack_wscales(np.ones((4, 2)), np.float32), r"pack_wscales: dtype: .*bfloat16 or float16, got float32"),
     (lambda: nk.pack_microscales(np.full((4, 4), 500.0)), r"s16 must be finite and within ±448"),
     (lambda: nk.unpack_microscales(np.ones((8, 128), BF16), 128, 128), r"expected dtype float8_e4m3fn, got bfloat16"),

@@ -36,7 +36,8 @@ from svdquant_jax.formats.nunchaku_layout import (AWQ_GROUP, BF16, FP4_GROUP, FP
                                                   floats, fold_adaln_bias, interleave_rows, ints, model_dtype,
                                                   pack_awq_qweight, pack_lora_down, pack_lora_up,
                                                   pack_microscales, pack_qweight, pack_vector, pack_wscales,
-                                                  to_dtype, unfold_adaln_bias, unpack_awq_qweight,
+                                                  repack_awq_qweight, repack_qweight, to_dtype,
+                                                  unfold_adaln_bias, unpack_awq_qweight,
                                                   unpack_lora_down, unpack_lora_up, unpack_microscales,
                                                   unpack_qweight, unpack_vector, unpack_wscales)
 
@@ -123,11 +124,18 @@ def w4a4_tensors(*, codes: Any, wscales: Any, fmt: str, smooth: Any, lora_down: 
   return out
 
 
-def decode_w4a4(tensors: dict[str, Any], n: int, k: int, fmt: str) -> dict[str, Any]:
+def decode_w4a4(tensors: dict[str, Any], n: int, k: int, fmt: str, *, repack: bool = False,
+                overwrite: bool = False) -> dict[str, Any]:
   """Inverse of :func:`w4a4_tensors` for one layer's tensors (keys without the layer prefix).
 
+  Args:
+    repack: return ``packed`` (the codes as ``uint8 [N, K/2]`` in the split-half layout of
+      :func:`svdquant_jax.formats.packing.pack_int4`, :func:`repack_qweight`) instead of ``codes``;
+      several times faster than unpacking and packing again.
+    overwrite: with ``repack``, build ``packed`` in the buffer of ``tensors["qweight"]`` (clobbered).
+
   Returns:
-    ``codes`` (``int8 [N, K]``: INT4 [-8, 7] or E2M1 [0, 15]), ``wscales`` (INT4 ``[N, K/64]`` in the
+    ``codes`` (``int8 [N, K]``: INT4 [-8, 7] or E2M1 [0, 15]) or ``packed``, ``wscales`` (INT4 ``[N, K/64]`` in the
     stored dtype; NVFP4 ``float32 [N, K/16]``), ``smooth``, ``smooth_orig`` ``[K]``, ``bias [N]``,
     ``lora_down [r_p, K]``, ``lora_up [N, r_p]`` (rank padding kept, zero), ``wtscale`` (float) and
     ``wcscales [N]``; an absent optional tensor (``smooth_orig``, ``lora_*``, ``wtscale``,
@@ -141,7 +149,10 @@ def decode_w4a4(tensors: dict[str, Any], n: int, k: int, fmt: str) -> dict[str, 
   missing = [key for key in ("qweight", "wscales", "bias", "smooth") if key not in tensors]
   if missing:
     raise NunchakuFormatError(f"{what}: missing required tensors {missing} (have {sorted(tensors)})")
-  out: dict[str, Any] = {"codes": unpack_qweight(tensors["qweight"], n, k, signed=fmt == "int4")}
+  if repack:
+    out: dict[str, Any] = {"packed": repack_qweight(tensors["qweight"], n, k, overwrite=overwrite)}
+  else:
+    out = {"codes": unpack_qweight(tensors["qweight"], n, k, signed=fmt == "int4")}
   ws = np.asarray(tensors["wscales"])
   if (ws.dtype == FP8) != (fmt == "nvfp4"):
     raise NunchakuFormatError(f"{what}: wscales dtype {ws.dtype} does not match fmt={fmt!r} "
@@ -247,10 +258,12 @@ def awq_tensors(*, u: Any, wscales: Any, wzeros: Any = None, bias: Any = None, S
   }
 
 
-def decode_awq(tensors: dict[str, Any], S: int, *, unfold_bias: bool = False) -> dict[str, np.ndarray]:  # noqa: N803
+def decode_awq(tensors: dict[str, Any], S: int, *, unfold_bias: bool = False,  # noqa: N803
+               repack: bool = False) -> dict[str, np.ndarray]:
   """Inverse of :func:`awq_tensors`, in diffusers (de-interleaved) row order.
 
-  Returns ``u uint8 [N, K]``, ``wscales``, ``wzeros`` ``[N, K/64]`` (stored dtype; only the first
+  Returns ``u uint8 [N, K]`` (or, with ``repack=True``, ``packed``: the same codes as split-half
+  ``uint8 [N, K/2]``, :func:`repack_awq_qweight`), ``wscales``, ``wzeros`` ``[N, K/64]`` (stored dtype; only the first
   ``K/64`` stored rows are read, so deepcompressor's zero-padded rows are accepted) and ``bias [N]``.
   The bias keeps the folded ``+1`` (stored dtype, the value the engine adds) unless
   ``unfold_bias=True``, which returns ``float32`` with the ``+1`` removed (:func:`unfold_adaln_bias`).
@@ -259,9 +272,14 @@ def decode_awq(tensors: dict[str, Any], S: int, *, unfold_bias: bool = False) ->
   missing = [key for key in AWQ_KEYS if key not in tensors]
   if missing:
     raise NunchakuFormatError(f"{what}: missing tensors {missing} (have {sorted(tensors)})")
-  u = unpack_awq_qweight(tensors["qweight"])
-  n, k = u.shape
-  out = {"u": deinterleave_rows(u, S)}
+  if repack:
+    packed = repack_awq_qweight(tensors["qweight"], S)
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    out = {"packed": packed}
+  else:
+    u = unpack_awq_qweight(tensors["qweight"])
+    n, k = u.shape
+    out = {"u": deinterleave_rows(u, S)}
   for key in ("wscales", "wzeros"):
     v = floats(tensors[key], f"{what}: {key}", 2)
     if v.shape[1] != n or v.shape[0] < k // AWQ_GROUP:
@@ -375,6 +393,7 @@ __all__ = [
     "awq_symmetric_zeros", "awq_tensors", "branch_to_engine", "ceil_to", "decode_awq", "decode_w4a4",
     "deinterleave_rows", "dequantize_awq", "fold_adaln_bias", "fuse_member_loras", "interleave_rows", "lora_concat",
     "model_dtype", "pack_awq_qweight", "pack_lora_down", "pack_lora_up", "pack_microscales", "pack_qweight",
-    "pack_vector", "pack_wscales", "to_dtype", "unfold_adaln_bias", "unpack_awq_qweight", "unpack_lora_down",
+    "pack_vector", "pack_wscales", "repack_awq_qweight", "repack_qweight", "to_dtype", "unfold_adaln_bias",
+    "unpack_awq_qweight", "unpack_lora_down",
     "unpack_lora_up", "unpack_microscales", "unpack_qweight", "unpack_vector", "unpack_wscales", "w4a4_tensors",
 ]

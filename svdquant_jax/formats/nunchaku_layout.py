@@ -35,12 +35,21 @@ AWQ W4A16 (adaLN modulation) tensors
 are interleaved (stored row ``d·S + c`` = chunk ``c``, channel ``d``) and the ``+1`` of
 ``x·(1 + scale)`` is folded into the bias of the scale chunks (``c = 1`` and ``c = S − 2``).
 
+Straight to the split-half layout
+---------------------------------
+:func:`repack_qweight` and :func:`repack_awq_qweight` turn both ``qweight`` kinds directly into the
+K-major split-half nibble layout of :func:`svdquant_jax.formats.packing.pack_int4` (``uint8
+[N, K/2]``; in each 64-column block, byte ``j`` holds column ``j`` in its low nibble and column
+``j + 32`` in its high one), with whole-word bit operations and one transposing copy instead of
+unpacking every code: a loader's hot path. Their bytes equal ``pack_int4`` of the unpacked codes.
+
 Casting: values are rounded once to nearest-even, except that float64 inputs are rounded to float32
 first (as torch does), so the bytes equal those of deepcompressor's torch converter.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_dtypes
@@ -173,6 +182,72 @@ def unpack_qweight(packed: Any, n: int, k: int, *, signed: bool) -> np.ndarray:
   nib = nib.reshape(n_p // TILE, k_p // 64, 8, 8, 4, 2, 2, 8).transpose(0, 2, 5, 3, 1, 6, 4, 7)
   codes = nib.reshape(n_p, k_p)[:n, :k].astype(np.int8)
   return (codes ^ 8) - 8 if signed else codes
+
+
+def _delta_swap(x: np.ndarray, tmp: np.ndarray, shift: int, mask: int) -> None:
+  """In place on ``uint64`` ``x``: swaps the bits under ``mask`` with those ``shift`` bits above them."""
+  sh = np.uint64(shift)
+  np.right_shift(x, sh, out=tmp)
+  np.bitwise_xor(tmp, x, out=tmp)
+  np.bitwise_and(tmp, np.uint64(mask), out=tmp)
+  np.bitwise_xor(x, tmp, out=x)
+  np.left_shift(tmp, sh, out=tmp)
+  np.bitwise_xor(x, tmp, out=x)
+
+
+_CHUNK_BYTES = 1 << 19  # repack in slices of about this size: the word operations then run in cache
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """``np.empty`` at a 64-byte aligned address (what the CPU backend needs to adopt a host buffer
+  without copying it)."""
+  dt = np.dtype(dtype)
+  nbytes = math.prod(shape) * dt.itemsize
+  raw = np.empty(nbytes + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + nbytes].view(dt).reshape(shape)
+
+
+def _slice_items(item_bytes: int) -> int:
+  """How many items of ``item_bytes`` each make one slice of about :data:`_CHUNK_BYTES` (at least 1)."""
+  return max(1, _CHUNK_BYTES // max(item_bytes, 1))
+
+
+def repack_qweight(packed: Any, n: int, k: int, *, overwrite: bool = False) -> np.ndarray:
+  """Nunchaku W4A4 ``qweight int8 [N_p, K_p/2]`` -> split-half ``uint8 [N, K/2]`` (padding stripped).
+
+  Equals ``packing.pack_int4(unpack_qweight(packed, n, k, signed=...))`` for either signedness (the
+  nibbles are moved, not interpreted). The two 32-bit words ``t = 0, 1`` of one (row, 8-column
+  group ``m``) are adjacent, so each 64-bit pair holds the 16 codes that make our 8 bytes ``8m..8m+7``
+  of that row and 64-column block: three delta swaps interleave them (byte ``e`` = nibble ``e`` of
+  word 0 | nibble ``e`` of word 1 << 4), then a transposing copy orders the pairs as ``(n, bk, m)``.
+  Done per slice of 128-row tiles, so that the word operations stay in cache.
+
+  ``overwrite=True`` writes the result into ``packed``'s own buffer (a writable, C-contiguous numpy
+  array, clobbered; 128-row tile ``i`` of the result replaces tile ``i`` of the input after it was
+  read), so a loader allocates no second copy of the weight; the result then shares that buffer
+  unless padding has to be stripped.
+  """
+  if k % 64:
+    raise NunchakuFormatError(f"repack_qweight: K={k} is not a multiple of 64 (the split-half block)")
+  n_p, k_p = ceil_to(n, TILE), ceil_to(k, TILE)
+  p = _packed(packed, "repack_qweight: qweight", (n_p, k_p // 2), (np.dtype(np.int8), np.dtype(np.uint8)))
+  in_place = overwrite and isinstance(packed, np.ndarray) and p.flags.c_contiguous and p.flags.writeable
+  src = np.ascontiguousarray(p).view(np.uint64).reshape(n_p // TILE, k_p * TILE // 16)  # (bn, [bk, p, l, m, s])
+  shape = (n_p // TILE, 8, 2, 8, k_p // 64, 4)  # (bn, p, s, l, bk, m)
+  out = src.reshape(shape) if in_place else aligned_empty(shape, np.uint64)
+  step = _slice_items(src.shape[1] * 8)
+  buf, tmp = np.empty((step, src.shape[1]), np.uint64), np.empty((step, src.shape[1]), np.uint64)
+  for lo in range(0, n_p // TILE, step):
+    c = min(step, n_p // TILE - lo)
+    x, t = buf[:c], tmp[:c]
+    np.copyto(x, src[lo:lo + c])
+    _delta_swap(x, t, 16, 0x00000000FFFF0000)  # bytes (a0 a1 a2 a3 b0 b1 b2 b3) -> (a0 a1 b0 b1 a2 a3 b2 b3)
+    _delta_swap(x, t, 8, 0x0000FF000000FF00)  # -> (a0 b0 a1 b1 a2 b2 a3 b3)
+    _delta_swap(x, t, 4, 0x00F000F000F000F0)  # (a_q, b_q) -> (a_q.lo | b_q.lo << 4, a_q.hi | b_q.hi << 4)
+    out[lo:lo + c] = x.reshape(c, k_p // 64, 8, 8, 4, 2).transpose(0, 2, 5, 3, 1, 4)
+  out = out.view(np.uint8).reshape(n_p, k_p // 2)
+  return out if (n, k) == (n_p, k_p) else np.ascontiguousarray(out[:n, :k // 2])
 
 
 # ----------------------------------------------------------------------------- scales and vectors
@@ -362,6 +437,59 @@ def unpack_awq_qweight(packed: Any) -> np.ndarray:
   w16 = p.astype("<i4").view("<u2").reshape(r, k // 64, 4, 2, 8)
   nib = (w16[..., None] >> (4 * np.arange(4, dtype=np.uint16))) & 0xF  # (r, g, i, h, b, a)
   return nib.transpose(0, 2, 1, 3, 5, 4).reshape(4 * r, k).astype(np.uint8)
+
+
+_LO_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_HI_NIBBLES = np.uint64(0xF0F0F0F0F0F0F0F0)
+
+
+def repack_awq_qweight(packed: Any, S: int) -> np.ndarray:  # noqa: N803
+  """AWQ ``qweight int32 [N/4, K/2]`` -> split-half ``uint8 [N, K/2]``, rows de-interleaved (``S`` chunks).
+
+  Equals ``packing.pack_int4(deinterleave_rows(unpack_awq_qweight(packed), S), signed=False)``. Per
+  (row group ``r``, 64-group ``g``, row ``i``) the 16-bit words ``h = 0, 1`` of column ``b`` hold
+  nibble ``a`` of columns ``64g + 8a + b`` and ``+ 32``: masking them together gives our bytes
+  ``8a + b`` (``a`` even in one 64-bit word, odd in the other), two delta swaps gather the bytes by
+  ``a``, and one transposing copy per residue of the row modulo ``L = lcm(4, S)`` orders them by
+  (de-interleaved row, ``g``, ``a``, ``b``). Done per slice of runs of ``L`` rows (in cache).
+  """
+  p = _array(packed, "repack_awq_qweight: qweight", 2)
+  if p.dtype != np.int32 or p.shape[1] % (AWQ_GROUP // 2):
+    raise NunchakuFormatError(f"repack_awq_qweight: expected int32 [N/4, K/2] with K % {AWQ_GROUP} == 0, got "
+                              f"{p.dtype} {list(p.shape)}")
+  r, k = p.shape[0], 2 * p.shape[1]
+  n, g = 4 * r, k // AWQ_GROUP
+  check_splits(n, S, "repack_awq_qweight")
+  # Stored row 4·r + i = d·S + c goes to row c·N/S + d; within a run of L rows both splits are
+  # fixed, so row v of each run is one strided copy.
+  run = math.lcm(4, S)
+  runs = n // run
+  x = np.ascontiguousarray(p).view(np.uint64).reshape(runs, run // 4, g, 4, 2, 2)  # (w, r % (L/4), g, i, h, b // 4)
+  out = aligned_empty((S, runs, run // S, g, 2, 2, 2), np.uint32)  # (c, w, d % (L/S), g, a // 2, a % 2, b // 4)
+  step = _slice_items(run * k // 2)
+  # pq[0] / pq[1]: bytes 2·(b % 4) + a // 2 of the even / odd a, per (w, r % (L/4), g, i, b // 4)
+  inner = x.shape[1:4] + (2,)
+  pq_buf, tmp_buf = np.empty(2 * step * math.prod(inner), np.uint64), np.empty(2 * step * math.prod(inner), np.uint64)
+  for lo in range(0, runs, step):
+    c = min(step, runs - lo)
+    x0, x1 = x[lo:lo + c, :, :, :, 0], x[lo:lo + c, :, :, :, 1]
+    size = 2 * c * math.prod(inner)  # contiguous views of the buffers
+    pq, tmp = pq_buf[:size].reshape((2, c) + inner), tmp_buf[:size].reshape((2, c) + inner)
+    np.bitwise_and(x0, _LO_NIBBLES, out=pq[0])
+    np.left_shift(x1, np.uint64(4), out=tmp[0])
+    tmp[0] &= _HI_NIBBLES
+    pq[0] |= tmp[0]
+    np.right_shift(x0, np.uint64(4), out=pq[1])
+    pq[1] &= _LO_NIBBLES
+    np.bitwise_and(x1, _HI_NIBBLES, out=tmp[0])
+    pq[1] |= tmp[0]
+    flat, t = pq.reshape(-1), tmp.reshape(-1)
+    _delta_swap(flat, t, 8, 0x0000FF000000FF00)  # bytes (b0a0 b0a1 b1a0 b1a1 ...) -> (b0a0 b1a0 b0a1 b1a1 ...)
+    _delta_swap(flat, t, 16, 0x00000000FFFF0000)  # -> (b0..b3 of a // 2 = 0, then of a // 2 = 1)
+    src = pq.view(np.uint32).reshape(2, c, run // 4, g, 4, 2, 2)  # (a % 2, w, r % (L/4), g, i, b // 4, a // 2)
+    for v in range(run):
+      out[v % S, lo:lo + c, v // S] = src[:, :, v // 4, :, v % 4].transpose(1, 2, 4, 0, 3)
+  return out.view(np.uint8).reshape(n, k // 2)
 
 
 def adaln_scale_chunks(S: int) -> tuple[int, ...]:  # noqa: N803

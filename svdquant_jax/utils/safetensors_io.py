@@ -130,18 +130,20 @@ class SafetensorsFile:
     if name not in self._entries:
       raise KeyError(f"{self.path}: no tensor named {name!r}")
     dtype, shape, begin, end = self._entries[name]
-    buf = bytearray(end - begin)
+    raw = np.empty(end - begin + 64, np.uint8)  # not zero-filled; 64-byte aligned, so that jax's CPU
+    out = raw[-raw.ctypes.data % 64:][:end - begin]  # backend can adopt the buffer without a copy
+    view = memoryview(out)
     fd = os.open(self.path, os.O_RDONLY)
     try:
       done = 0
-      while done < len(buf):
-        chunk = os.preadv(fd, [memoryview(buf)[done:]], self._data_start + begin + done)
+      while done < len(out):
+        chunk = os.preadv(fd, [view[done:]], self._data_start + begin + done)
         if chunk <= 0:
           raise CheckpointError(f"{self.path}: tensor {name!r}: the file ended while reading (truncated?)")
         done += chunk
     finally:
       os.close(fd)
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return out.view(dtype).reshape(shape)
 
 
 _INDEX_RE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")

@@ -9,24 +9,30 @@ branch on the raw input, NVFP4 per-tensor or per-channel scales), adaLN layers a
 ``WeightOnlyDense`` (de-interleaved, the folded ``+1`` taken back out, exactly), the rest 16-bit.
 
 Streaming: tensors are read one at a time with ``pread`` (no mapping of the file), converted and
-placed on the device, so the host holds about one copy of the model (``docs/benchmarks.md``).
+placed on the device, so the host holds about one copy of the model (``docs/benchmarks.md``). The
+4-bit weights go straight from Nunchaku's layouts to ours with whole-word bit operations
+(``repack_qweight`` / ``repack_awq_qweight``), and host arrays are handed to ``jax.device_put``
+(no copy on the CPU backend when the buffer allows it).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from svdquant_jax.formats import nunchaku as layout
-from svdquant_jax.formats import packing
+from svdquant_jax.formats.nunchaku_layout import aligned_empty
 from svdquant_jax.formats.quantizers import GELU_SHIFT
-from svdquant_jax.models import flux as flux_lib
 from svdquant_jax.models.flux import FluxConfig
 from svdquant_jax.nn import QuantSpec, WeightOnlySpec
 from svdquant_jax.quant.nunchaku import flux_layout
@@ -152,6 +158,40 @@ def _precision(source: _Source, meta: Mapping[str, Any]) -> str:
   return "nvfp4" if fp8 else "int4"
 
 
+def _put(x: Any, dtype: Any = None) -> jax.Array:
+  """A host array (C-contiguous, cast to ``dtype``) as a device array; on CPU usually without a copy."""
+  return jax.device_put(np.ascontiguousarray(x, dtype=dtype))
+
+
+@contextlib.contextmanager
+def _normal_pages() -> Iterator[None]:
+  """numpy asks for transparent huge pages on large arrays; for a load's stream of large short-lived
+  buffers on a machine short of free memory the kernel's huge-page faults (compaction, zeroing)
+  cost 4x the system time and twice the wall time (``docs/benchmarks.md``), so a load uses normal
+  pages. Process-wide while it runs (it only changes how fast memory is faulted in)."""
+  core = getattr(np, "_core", None) or getattr(np, "core", None)
+  setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+  if setter is None:
+    yield
+    return
+  previous = setter(False)
+  try:
+    yield
+  finally:
+    setter(previous)
+
+
+def _transposed(x: np.ndarray, dtype: Any, tile: int = 256) -> np.ndarray:
+  """``x.T`` of a 2-D array as a C-contiguous ``dtype`` array, copied tile by tile (a plain strided
+  transpose of a large 16-bit matrix misses the cache on every element)."""
+  rows, cols = x.shape
+  out = aligned_empty((cols, rows), dtype)
+  for r in range(0, rows, tile):
+    for c in range(0, cols, tile):
+      out[c:c + tile, r:r + tile] = x[r:r + tile, c:c + tile].T
+  return out
+
+
 def _strip_rank_padding(down: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Drops trailing ranks that are zero in both factors (the file's padding to a multiple of 16)."""
   r = down.shape[0]
@@ -168,36 +208,33 @@ def _w4a4(source: _Source, name: str, layer: Layer, fmt: str, n: int, k: int, dt
     if key not in tensors:
       raise NunchakuFormatError(f"{source.path}: {name}.{key} is missing (required for a W4A4 layer)")
   try:
-    d = layout.decode_w4a4(tensors, n, k, fmt)
+    d = layout.decode_w4a4(tensors, n, k, fmt, repack=True, overwrite=True)  # our own read buffers
   except (ValueError, TypeError) as e:
     raise NunchakuFormatError(f"{source.path}: {name}: {e}") from e
   if "smooth_orig" in tensors:
     orig = layout.unpack_vector(tensors["smooth_orig"], k)
     if np.all(np.asarray(d["smooth"], np.float32) == 1) and np.any(np.asarray(orig, np.float32) != 1):
       fused.append(name)
-  codes = np.asarray(d["codes"])
   signed = fmt == "int4"
-  # numpy in, numpy out (on the host; ~20x faster than the op-by-op jax path for one big matrix)
-  params: dict[str, Any] = {"qweight": jnp.asarray(packing.pack(codes.astype(np.int8 if signed else np.uint8),
-                                                                layout="NK", signed=signed))}
+  params: dict[str, Any] = {"qweight": _put(d["packed"])}  # split-half uint8 [N, K/2], our packing
   if signed:
-    params["wscales"] = jnp.asarray(np.asarray(d["wscales"]).T.astype(dtype))
+    params["wscales"] = _put(np.asarray(d["wscales"]).T, dtype)
   else:
-    params["wscales"] = jnp.asarray(np.asarray(d["wscales"], np.float32).T.astype(jnp.float8_e4m3fn))
+    params["wscales"] = _put(np.asarray(d["wscales"], np.float32).T, jnp.float8_e4m3fn)
     t = 1.0 if d.get("wtscale") is None else float(np.asarray(d["wtscale"], np.float32).reshape(-1)[0])
     wc = None if d.get("wcscales") is None else np.asarray(d["wcscales"], np.float32)
     if wc is not None and np.all(wc == wc[0]):  # one scale for all rows (our fused layers): per-tensor
       t, wc = t * float(wc[0]), None
-    params["wtscale"] = jnp.asarray([t], jnp.float32)
+    params["wtscale"] = _put([t], np.float32)
     if wc is not None:
-      params["wcscales"] = jnp.asarray(wc)
+      params["wcscales"] = _put(wc)
   down = np.zeros((0, k), np.float32) if d.get("lora_down") is None else np.asarray(d["lora_down"])
   up = np.zeros((n, 0), np.float32) if d.get("lora_up") is None else np.asarray(d["lora_up"])
   down, up = _strip_rank_padding(down, up)
-  params["smooth"] = jnp.asarray(np.asarray(d["smooth"]).astype(dtype))
-  params["lora_down"] = jnp.asarray(down.T.astype(dtype))
-  params["lora_up"] = jnp.asarray(up.T.astype(dtype))
-  params["bias"] = jnp.asarray(np.asarray(d["bias"]).astype(dtype))
+  params["smooth"] = _put(d["smooth"], dtype)
+  params["lora_down"] = _put(down.T, dtype)
+  params["lora_up"] = _put(up.T, dtype)
+  params["bias"] = _put(d["bias"], dtype)
   shift = GELU_SHIFT if (signed and layer.shifted) else 0.0
   spec = QuantSpec(rank=down.shape[0], fmt=fmt, shift=shift, **_channel_scales_kw("wcscales" in params))
   return spec, params, down.shape[0]
@@ -215,22 +252,56 @@ def _awq(source: _Source, name: str, layer: Layer, n: int, k: int, dtype: Any) -
     raise NunchakuFormatError(f"{source.path}: {name} carries a LoRA ({extra}); load the base checkpoint and apply "
                               "the LoRA with --config.loras instead")
   try:
-    d = layout.decode_awq(tensors, layer.chunks)
+    d = layout.decode_awq(tensors, layer.chunks, repack=True)
   except (ValueError, TypeError) as e:
     raise NunchakuFormatError(f"{source.path}: {name}: {e}") from e
-  u = np.asarray(d["u"])
-  if u.shape != (n, k):
-    raise NunchakuFormatError(f"{source.path}: {name}.qweight decodes to {u.shape}, the model needs {(n, k)}")
+  packed = d["packed"]  # split-half uint8 [N, K/2], our packing
+  if packed.shape != (n, k // 2):
+    raise NunchakuFormatError(f"{source.path}: {name}.qweight decodes to {(packed.shape[0], 2 * packed.shape[1])}, "
+                              f"the model needs {(n, k)}")
   bias = layout.unfold_adaln_bias(tensors["bias"], layer.chunks)
-  params = {"qweight": jnp.asarray(packing.pack(u.astype(np.uint8), layout="NK", signed=False)),
-            "wscales": jnp.asarray(np.asarray(d["wscales"]).T.astype(dtype)),
-            "wzeros": jnp.asarray(np.asarray(d["wzeros"]).T.astype(dtype)),
-            "bias": jnp.asarray(np.asarray(bias).astype(dtype))}
+  params = {"qweight": _put(packed),
+            "wscales": _put(np.asarray(d["wscales"]).T, dtype),
+            "wzeros": _put(np.asarray(d["wzeros"]).T, dtype),
+            "bias": _put(bias, dtype)}
   return WeightOnlySpec("int4", 64), params
 
 
+@dataclasses.dataclass
+class _Block:
+  """One block's share of the loaded model."""
+  specs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  flat: dict[str, Any] = dataclasses.field(default_factory=dict)
+  fused: list[str] = dataclasses.field(default_factory=list)
+  ranks: list[int] = dataclasses.field(default_factory=list)
+
+
+def _in_order(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+  """``fn(item)`` for each item, in order, computed by ``workers`` threads with at most
+  ``workers + 1`` results pending (bounded memory; the first error stops the submission)."""
+  if workers <= 1:
+    yield from map(fn, items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nunchaku-load") as pool:
+    rest = iter(items)
+    pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(rest, workers + 1))
+    try:
+      while pending:
+        result = pending.popleft().result()
+        item = next(rest, _DONE)
+        if item is not _DONE:
+          pending.append(pool.submit(fn, item))
+        yield result
+    finally:
+      for future in pending:
+        future.cancel()
+
+
+_DONE = object()
+
+
 def load_flux(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
-              progress: bool = True) -> NunchakuModel:
+              progress: bool = True, threads: int = 2) -> NunchakuModel:
   """Loads a Nunchaku FLUX.1 checkpoint (single file or legacy folder) into our FLUX.
 
   Args:
@@ -238,12 +309,18 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = 
     dtype: compute dtype of the model (default: the config default, bfloat16).
     param_dtype: dtype of the 16-bit parameters (default bfloat16, as the file).
     progress: show a progress display over blocks.
+    threads: blocks decoded at once (numpy's word operations and copies and ``pread`` release the
+      GIL); 1 decodes on the calling thread.
 
   Raises:
     NunchakuFormatError: obsolete / v2 / non-FLUX files, missing, misshaped or unexpected
       tensors (each named).
   """
-  path = os.fspath(path)
+  with _normal_pages():
+    return _load_flux(os.fspath(path), dtype, param_dtype, progress, threads)
+
+
+def _load_flux(path: str, dtype: Any, param_dtype: Any, progress: bool, threads: int) -> NunchakuModel:
   source = _Source(path)
   meta = _json_meta(source)
   _check_kind(source, meta)
@@ -258,22 +335,32 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = 
   specs: dict[str, Any] = {}
   fused: list[str] = []
   ranks = [0]
-  abstract = trees.flatten(flux_lib.abstract_flux_params(config))
+  abstract = trees.flatten(flux_layout.expected_params(config, {}))  # the float model's shapes
+
+  def load_block(block) -> _Block:
+    theirs, ours, layers, norms = block
+    out = _Block()
+    for layer in layers:
+      our_path, name = f"{ours}/{layer.path}", f"{theirs}.{layer.name}"
+      k, n = abstract[f"{our_path}/kernel"].shape
+      if layer.kind == "awq":
+        spec, sub = _awq(source, name, layer, n, k, pd)
+      else:
+        spec, sub, r = _w4a4(source, name, layer, fmt, n, k, pd, out.fused)
+        out.ranks.append(r)
+      out.specs[our_path] = spec
+      out.flat.update({f"{our_path}/{key}": value for key, value in sub.items()})
+    for norm, our_norm in norms:
+      out.flat[f"{ours}/{our_norm}/scale"] = _put(source.read(f"{theirs}.{norm}.weight"), pd)
+    return out
+
   bar = Progress(config.num_layers + config.num_single_layers, "load nunchaku", enabled=progress)
   with bar:
-    for theirs, ours, layers, norms in flux_layout.blocks(config):
-      for layer in layers:
-        our_path, name = f"{ours}/{layer.path}", f"{theirs}.{layer.name}"
-        k, n = abstract[f"{our_path}/kernel"].shape
-        if layer.kind == "awq":
-          spec, sub = _awq(source, name, layer, n, k, pd)
-        else:
-          spec, sub, r = _w4a4(source, name, layer, fmt, n, k, pd, fused)
-          ranks.append(r)
-        specs[our_path] = spec
-        flat.update({f"{our_path}/{key}": value for key, value in sub.items()})
-      for norm, our_norm in norms:
-        flat[f"{ours}/{our_norm}/scale"] = jnp.asarray(source.read(f"{theirs}.{norm}.weight").astype(pd))
+    for block in _in_order(load_block, flux_layout.blocks(config), threads):
+      specs.update(block.specs)
+      flat.update(block.flat)
+      fused += block.fused
+      ranks += block.ranks
       bar.update(1)
   # Nunchaku's single-block proj_out bias sits on mlp_fc2; our proj_out_mlp has a bias only when
   # it is shifted (INT4), so otherwise the two biases (summed by the block) are merged.
@@ -281,11 +368,11 @@ def load_flux(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = 
     mlp, attn = f"single_transformer_blocks_{j}/proj_out_mlp", f"single_transformer_blocks_{j}/proj_out_attn"
     if not specs[mlp].shift:
       b = np.asarray(flat.pop(f"{mlp}/bias"), np.float32) + np.asarray(flat[f"{attn}/bias"], np.float32)
-      flat[f"{attn}/bias"] = jnp.asarray(b.astype(pd))
+      flat[f"{attn}/bias"] = _put(b, pd)
   for theirs, ours in flux_layout.unquantized_layers(config):
-    flat[f"{ours}/kernel"] = jnp.asarray(source.read(f"{theirs}.weight").T.astype(pd))
+    flat[f"{ours}/kernel"] = _put(_transposed(source.read(f"{theirs}.weight"), pd))
     if f"{ours}/bias" in abstract:
-      flat[f"{ours}/bias"] = jnp.asarray(source.read(f"{theirs}.bias").astype(pd))
+      flat[f"{ours}/bias"] = _put(source.read(f"{theirs}.bias"), pd)
   unused = sorted(k for k in source.where if k not in source.used and not k.endswith(".smooth_orig"))
   if unused:
     raise NunchakuFormatError(f"{path}: {len(unused)} tensors match no layer of a FLUX.1 model with this config "
