@@ -116,9 +116,20 @@ def test_benchmark_model_estimate_uses_settings():
   est = ptq_benchmark.model_estimate("flux-dev", settings, 1e12, 0.5)
   assert est["counts"] == {"flux_double": 19, "flux_single": 38}
   groups, fwd = cm.flux_block_groups("flux_single", 3072, 128, 4096, 512, max_tokens=1024)
-  single = cm.block_flops(groups, fwd, rank=32, candidates=39, lowrank_iters=3)
+  # the config's search cost cuts: bf16 losses, successive halving from 4096 tokens keeping 1/2
+  assert (settings.loss_dtype, settings.halving_tokens, settings.halving_keep) == ("bfloat16", 4096, 0.5)
+  single = cm.block_flops(groups, fwd, rank=32, candidates=39, lowrank_iters=3, halving_tokens=4096)
   assert est["flops"]["flux_single"] == single
   total = sum(est["counts"][k] * est["flops"][k]["total"] for k in est["counts"])
   assert est["seconds"] == pytest.approx(total / 0.5e12)
+  mixed = ptq_benchmark.model_estimate("flux-dev", settings, 1e12, 0.5, bf16_flops_per_s=1e13)
+  assert mixed["seconds"] == pytest.approx(sum(est["counts"][k] * cm.estimate_mixed_seconds(
+      est["flops"][k], "bfloat16", 1e12, 1e13, 0.5) for k in est["counts"]))
+  assert mixed["seconds"] < est["seconds"]
+  exact = ptq_benchmark.settings_for(["int4", "exact"], "bfloat16", lowrank_iters=3, max_tokens=1024)
+  assert exact.exact_search
+  est_exact = ptq_benchmark.model_estimate("flux-dev", exact, 1e12, 0.5)
+  assert est_exact["flops"]["flux_single"] == cm.block_flops(groups, fwd, rank=32, candidates=39, lowrank_iters=3)
+  assert est_exact["flops"]["flux_single"]["smooth_loss"] > 10 * single["smooth_loss"]
   no_smooth = ptq_benchmark.block_flops("flux_single", settings.replace(smooth=False), 3072, 1, 16, 4)
   assert no_smooth["smooth"] == 0 and no_smooth["lowrank"] > 0

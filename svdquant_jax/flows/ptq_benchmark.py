@@ -43,13 +43,20 @@ DEEPCOMPRESSOR_HOURS = 12.0  # reported for FLUX.1 on one H100 (deepcompressor's
 def settings_for(method: Sequence[str], dtype: Any, **overrides: Any) -> PTQSettings:
   """The settings of the method parts (``ptq_config``) with field overrides (``None``: keep).
 
-  Overrides: ``num_grids``, ``lowrank_iters``, ``batch_size``, ``candidates_per_batch``, ``max_tokens``.
+  Overrides: ``num_grids``, ``lowrank_iters``, ``batch_size``, ``candidates_per_batch``, ``max_tokens``,
+  and the search cost cuts ``mode`` (``"fast"`` / ``"exact"``), ``loss_dtype``, ``halving_tokens``,
+  ``halving_keep`` (``quant.search``). The method part ``exact`` sets ``mode="exact"``.
   """
   config = ptq_config.base()
   for part in method:
-    ptq_config.apply(config, part, sep="+")
+    if part == "exact":
+      config.quant.search.mode = "exact"
+    else:
+      ptq_config.apply(config, part, sep="+")
   fields = {"num_grids": config.quant.smooth, "candidates_per_batch": config.quant.smooth,
-            "lowrank_iters": config.quant.lowrank, "batch_size": config.calib, "max_tokens": config.calib}
+            "lowrank_iters": config.quant.lowrank, "batch_size": config.calib, "max_tokens": config.calib,
+            "mode": config.quant.search, "loss_dtype": config.quant.search,
+            "halving_tokens": config.quant.search, "halving_keep": config.quant.search}
   for name, value in overrides.items():
     if value is not None:
       fields[name][{"lowrank_iters": "num_iters"}.get(name, name)] = value
@@ -94,13 +101,18 @@ def matmul_rate(dim: int, dtype: Any, precision: Any = jax.lax.Precision.HIGHEST
 
 
 def block_flops(kind: str, settings: PTQSettings, dim: int, samples: int, img_tokens: int,
-                txt_tokens: int) -> dict[str, float]:
-  """Matmul FLOPs per stage of one FLUX block under ``settings`` (:func:`cost_model.block_flops`)."""
+                txt_tokens: int, module_cuts: bool = True) -> dict[str, float]:
+  """Matmul FLOPs per stage of one FLUX block under ``settings`` (:func:`cost_model.block_flops`).
+
+  ``module_cuts``: whether the module-level losses take the successive-halving token subsets
+  (the cost model's what-if; see :mod:`svdquant_jax.quant.cost_model`).
+  """
   groups, forward = cost_model.flux_block_groups(kind, dim, samples, img_tokens, txt_tokens, settings.max_tokens)
   return cost_model.block_flops(
       groups, forward, rank=settings.rank, candidates=len(settings.smoothing_grid) if settings.smooth else 0,
       lowrank_iters=settings.lowrank_iters, shared_branch=settings.shared_branch, gptq=settings.gptq,
-      svd_iters=settings.svd_iters or cost_model.DEFAULT_SVD_ITERS, oversample=settings.oversample)
+      svd_iters=settings.svd_iters or cost_model.DEFAULT_SVD_ITERS, oversample=settings.oversample,
+      halving_tokens=settings.halving_tokens, halving_keep=settings.halving_keep, module_cuts=module_cuts)
 
 
 def group_efficiency(k: int, n: int, tokens: int, settings: PTQSettings, seed: int = 0) -> dict[str, float]:
@@ -123,27 +135,38 @@ def group_efficiency(k: int, n: int, tokens: int, settings: PTQSettings, seed: i
   flops = cost_model.group_flops(group, rank=settings.rank, candidates=len(settings.smoothing_grid),
                                  lowrank_iters=iters, gptq=settings.gptq,
                                  svd_iters=settings.svd_iters or cost_model.DEFAULT_SVD_ITERS,
-                                 oversample=settings.oversample)
+                                 oversample=settings.oversample, halving_tokens=settings.halving_tokens,
+                                 halving_keep=settings.halving_keep)
   total = sum(flops.values())
   rate = matmul_rate(k, jnp.float32)
   return {"flops": total, "seconds": seconds, "flops_per_s": total / seconds, "matmul_flops_per_s": rate,
           "efficiency": total / seconds / rate, "lowrank_iters_run": iters,
-          "loss_share": (flops["smooth_loss"] + flops["lowrank_loss"]) / total}
+          "loss_share": (flops["smooth_loss"] + flops["lowrank_loss"]) / total,
+          "smooth_index": int(info.smooth_index), "loss_dtype": settings.loss_dtype,
+          "halving_tokens": settings.halving_tokens}
 
 
 def model_estimate(config_name: str, settings: PTQSettings, flops_per_s: float, efficiency: float = 1.0, *,
-                   samples: int = 128, img_tokens: int = 4096, txt_tokens: int = 512) -> dict[str, Any]:
+                   samples: int = 128, img_tokens: int = 4096, txt_tokens: int = 512,
+                   bf16_flops_per_s: float | None = None, module_cuts: bool = True) -> dict[str, Any]:
   """Estimated whole-model PTQ time from FLOPs at ``efficiency`` x ``flops_per_s`` (no compile time).
+
+  ``bf16_flops_per_s``: with ``settings.loss_dtype == "bfloat16"``, the rate of the loss
+  evaluations (``None``: everything at ``flops_per_s``); ``module_cuts``: see :func:`block_flops`.
 
   Returns ``{"flops": {kind: per-block stage FLOPs}, "seconds": total, "counts": {kind: blocks}}``.
   """
   full = flux.FLUX_PRESETS[config_name]
   dim = full.num_attention_heads * full.attention_head_dim
   counts = {"flux_double": full.num_layers, "flux_single": full.num_single_layers}
-  flops = {kind: block_flops(kind, settings, dim, samples, img_tokens, txt_tokens) for kind in counts}
-  total = sum(counts[k] * flops[k]["total"] for k in counts)
-  return {"flops": flops, "counts": counts,
-          "seconds": cost_model.estimate_seconds(total, flops_per_s, efficiency)}
+  flops = {kind: block_flops(kind, settings, dim, samples, img_tokens, txt_tokens, module_cuts) for kind in counts}
+  if bf16_flops_per_s is None:
+    total = sum(counts[k] * flops[k]["total"] for k in counts)
+    seconds = cost_model.estimate_seconds(total, flops_per_s, efficiency)
+  else:
+    seconds = sum(counts[k] * cost_model.estimate_mixed_seconds(flops[k], settings.loss_dtype, flops_per_s,
+                                                                bf16_flops_per_s, efficiency) for k in counts)
+  return {"flops": flops, "counts": counts, "seconds": seconds}
 
 
 def run_benchmark(config_name: str, settings: PTQSettings, *, samples: int, img_tokens: int, txt_tokens: int,
@@ -222,4 +245,75 @@ def format_table(result: dict[str, Any]) -> str:
     line += (f"; deepcompressor (reported, H100): {DEEPCOMPRESSOR_HOURS:.0f} h -> "
              f"{DEEPCOMPRESSOR_HOURS / max(hours, 1e-9):.1f}x faster")
   lines.append(line)
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- search cost cuts: quality
+SEARCH_VARIANTS = {  # name -> PTQSettings overrides (applied to the exact search)
+    "exact": {},
+    "bf16 loss": {"loss_dtype": "bfloat16"},
+    "halving": {"halving_tokens": -32},  # negative: T / 32 tokens (FLUX: 4096 of 131072)
+    "halving keep 1/3": {"halving_tokens": -32, "halving_keep": 1 / 3},
+    "bf16 + halving": {"loss_dtype": "bfloat16", "halving_tokens": -32},
+    "bf16 + halving T/8": {"loss_dtype": "bfloat16", "halving_tokens": -8},
+}
+
+
+def compare_search_cuts(seeds: Sequence[int] = (0, 1, 2), rows: int = 4096, k: int = 256, n: int = 768,
+                        formats: Sequence[str] = ("int4", "nvfp4"), rank: int = 32, num_grids: int = 20,
+                        lowrank_iters: int = 100, variants: dict[str, dict[str, Any]] | None = None,
+                        log=lambda row: None) -> list[dict[str, Any]]:
+  """Quality of each search cost cut against the exact search on seeded synthetic outlier layers
+  (:func:`~svdquant_jax.flows.layer_report.make_synthetic_layer`: ``rows`` calibration and ``rows``
+  held-out tokens).
+
+  Per layer, format and variant: the held-out relative output error, its ratio to the exact
+  search's, whether the chosen (α, β) pair and the kept alternating iteration agree with it, and the
+  seconds of one :func:`~svdquant_jax.quant.svdquant.quantize_linear_group` call (compilation
+  included: a quality comparison, not a timing). ``halving_tokens < 0`` in a variant means
+  ``rows / |halving_tokens|`` tokens. ``log`` is called with each row as it is measured.
+  """
+  from svdquant_jax.flows import layer_report  # noqa: PLC0415
+  from svdquant_jax.formats.quantizers import FORMATS  # noqa: PLC0415
+  from svdquant_jax.quant.svdquant import fake_forward, quantize_linear_group  # noqa: PLC0415
+  variants = SEARCH_VARIANTS if variants is None else variants
+  out = []
+  for seed in seeds:
+    layer = layer_report.make_synthetic_layer(seed, rows=rows, k=k, n=n)
+    for fmt_name in formats:
+      base = PTQSettings(fmt=FORMATS[fmt_name], rank=rank, num_grids=num_grids, lowrank_iters=lowrank_iters)
+      exact = None
+      for name, changes in variants.items():
+        changes = dict(changes)
+        if changes.get("halving_tokens", 0) < 0:
+          changes["halving_tokens"] = rows // -changes["halving_tokens"]
+        settings = base.replace(**changes)
+        run = lambda s=settings: quantize_linear_group([layer.kernel], None, layer.x, s, return_info=True)  # noqa: E731
+        ((w,), info), seconds = _timed(run)
+        row = {"seed": seed, "format": fmt_name, "variant": name, "seconds": seconds,
+               "error": layer_report.relative_error(layer, fake_forward(layer.x_eval, w, settings.fmt)),
+               "pair": settings.smoothing_grid[int(info.smooth_index)], "lowrank_best": int(info.lowrank_best[0])}
+        exact = row if exact is None else exact
+        row.update(error_ratio=row["error"] / exact["error"], same_pair=row["pair"] == exact["pair"],
+                   same_lowrank=row["lowrank_best"] == exact["lowrank_best"])
+        out.append(row)
+        log(row)
+  return out
+
+
+def format_search_cuts(rows: Sequence[dict[str, Any]]) -> str:
+  """Per variant over all layers and formats: mean and worst error ratio to the exact search, pair
+  and iteration agreement, mean seconds (with compilation); then one line per layer."""
+  lines = ["| variant | error / exact, mean | worst | same (α, β) | same kept iteration | mean s (with compile) |",
+           "|---|---|---|---|---|---|"]
+  for name in dict.fromkeys(r["variant"] for r in rows):
+    sel = [r for r in rows if r["variant"] == name]
+    ratios = [r["error_ratio"] for r in sel]
+    lines.append(f"| {name} | {np.mean(ratios):.4f} | {max(ratios):.4f} | {sum(r['same_pair'] for r in sel)}/{len(sel)}"
+                 f" | {sum(r['same_lowrank'] for r in sel)}/{len(sel)} | {np.mean([r['seconds'] for r in sel]):.1f} |")
+  lines += ["", "| seed | format | variant | error | / exact | (α, β) | kept iteration |",
+            "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['seed']} | {r['format']} | {r['variant']} | {r['error']:.5f} | {r['error_ratio']:.4f} | "
+                 f"({r['pair'][0]:.2f}, {r['pair'][1]:.2f}) | {r['lowrank_best'] + 1} |")
   return "\n".join(lines)

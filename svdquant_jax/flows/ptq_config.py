@@ -57,6 +57,7 @@ def base() -> ml_collections.ConfigDict:
   c.calib.batch_size = 16         # samples per device batch in the calibration passes
   c.calib.replay = "fp"           # block inputs: "fp" (full precision, as deepcompressor) or "quantized"
   c.calib.max_tokens = 0          # cap on calibration tokens per linear group (0: all; bounds memory at 1024^2)
+  c.calib.data_parallel = True    # split the samples over all devices (of all processes); num_samples must divide evenly
 
   c.quant = ml_collections.ConfigDict()
   c.quant.name = "svdq-int4"
@@ -72,6 +73,11 @@ def base() -> ml_collections.ConfigDict:
   c.quant.lowrank.num_iters = 100
   c.quant.lowrank.early_stop = True
   c.quant.lowrank.shared_branch = False  # one branch per group instead of per layer (deepcompressor exclusive=false)
+  c.quant.search = ml_collections.ConfigDict()   # cost cuts of the loss evaluations (docs/benchmarks.md)
+  c.quant.search.mode = "fast"    # fast: the options below; exact: float32 losses, exhaustive grid (bit for bit as before)
+  c.quant.search.loss_dtype = "bfloat16"   # loss evaluations: bfloat16 (bf16 x bf16 -> f32) | float32 (HIGHEST)
+  c.quant.search.halving_tokens = 4096     # successive halving of the smoothing grid from this many tokens (0: off)
+  c.quant.search.halving_keep = 0.5        # fraction of the smoothing candidates kept per halving round
   c.quant.gptq = ml_collections.ConfigDict()
   c.quant.gptq.enabled = False
   c.quant.gptq.damp = 0.01

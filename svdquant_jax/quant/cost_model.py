@@ -15,16 +15,30 @@ group (one λ; kernels ``[K, N_i]`` each read by ``T_i`` calibration tokens):
 A loss evaluation is either linear-level (the group's own fake-quantized outputs: ``2 T_i K N_i``
 for the main path plus ``2 T_i r (K + N_i)`` for the branch) or module-level (the forward of the
 enclosing module over all its tokens, given as ``eval_flops``; ``calib.max_tokens`` does not cut it).
+
+The search cost cuts (``PTQSettings.loss_dtype``, ``halving_tokens``, ``halving_keep``):
+
+  * successive halving of the smoothing grid (``halving_tokens > 0``): round i scores ``n_i``
+    candidates on ``t_i`` of the group's ``T`` tokens (:func:`~svdquant_jax.quant.smooth.halving_schedule`),
+    so the smoothing losses cost ``Σ_i n_i t_i / T`` full evaluations instead of ``P``; the P SVDs stay
+    and every later round recomputes its candidates' residuals (``2 K r N`` each). ``T`` is the
+    largest per-layer token count of a linear-level group and ``eval_tokens`` of a module-level one
+    (a module forward is linear in its samples); ``module_cuts=False`` models module losses that
+    cannot take subsets (the search then stays exhaustive for them);
+  * ``loss_dtype="bfloat16"``: the same FLOPs at the bf16 rate (:func:`estimate_mixed_seconds`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 from svdquant_jax.quant.lowrank import DEFAULT_SVD_ITERS, basis_size
+from svdquant_jax.quant.smooth import halving_schedule
 
 STAGES = ("smooth", "lowrank", "gptq", "replay")
+LOSS_KEYS = ("smooth_loss", "lowrank_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +51,15 @@ class GroupShape:
     tokens: ``T_i`` calibration tokens each layer's linear-level loss reads.
     eval_flops: FLOPs of one module-level loss evaluation (0: the loss is linear-level).
     hessian_inputs: distinct GPTQ inputs (1 when the layers share one input).
+    eval_tokens: tokens the module-level loss runs over (for successive halving; 0: unknown, no
+      halving of the module loss).
   """
   name: str
   kernels: tuple[tuple[int, int], ...]
   tokens: tuple[int, ...]
   eval_flops: float = 0.0
   hessian_inputs: int = 1
+  eval_tokens: int = 0
 
   def __post_init__(self):
     if not self.kernels or len(self.kernels) != len(self.tokens):
@@ -92,16 +109,43 @@ def candidate_flops(group: GroupShape, rank: int, shared_branch: bool = False, s
   return {"svd": svd, "loss": loss}
 
 
+def smoothing_rounds(group: GroupShape, candidates: int, halving_tokens: int = 0, halving_keep: float = 0.5,
+                     module_cuts: bool = True) -> tuple[tuple[int, float], ...]:
+  """The smoothing search of one group as ``((candidates, token fraction), ...)`` rounds: one round
+  ``(P, 1.0)`` for the exhaustive grid, else the successive-halving schedule with ``t_i / T``."""
+  if candidates <= 1 or not halving_tokens:
+    return ((candidates, 1.0),)
+  total = (group.eval_tokens if module_cuts else 0) if group.eval_flops else max(group.tokens)
+  if not total or halving_tokens >= total:
+    return ((candidates, 1.0),)
+  return tuple((n, t / total) for n, t in halving_schedule(candidates, total, halving_tokens, halving_keep))
+
+
 def group_flops(group: GroupShape, *, rank: int = 32, candidates: int = 39, lowrank_iters: int = 100,
                 shared_branch: bool = False, gptq: bool = False, svd_iters: int = DEFAULT_SVD_ITERS,
-                oversample: int | None = None) -> dict[str, float]:
+                oversample: int | None = None, halving_tokens: int = 0, halving_keep: float = 0.5,
+                module_cuts: bool = True) -> dict[str, float]:
   """FLOPs of one group per stage: ``{"smooth_svd", "smooth_loss", "lowrank_svd", "lowrank_loss", "gptq"}``.
 
   ``candidates``: smoothing pairs (0: no smoothing); ``lowrank_iters``: alternating iterations per
-  branch (each kernel runs its own loop unless the branch is shared).
+  branch (each kernel runs its own loop unless the branch is shared); ``halving_tokens``,
+  ``halving_keep``, ``module_cuts``: successive halving of the smoothing grid (module docstring).
   """
   one = candidate_flops(group, rank, shared_branch, svd_iters, oversample)
-  out = {"smooth_svd": candidates * one["svd"], "smooth_loss": candidates * one["loss"]}
+  rounds = smoothing_rounds(group, candidates, halving_tokens, halving_keep, module_cuts)
+  if len(rounds) == 1:
+    out = {"smooth_svd": candidates * one["svd"], "smooth_loss": candidates * one["loss"]}
+  else:
+    k, ns = group.kernels[0][0], [n for _, n in group.kernels]
+    widths = [sum(ns)] if (shared_branch and rank and len(ns) > 1) else ns
+    residual = sum(matmul_flops(k, rank, n) for n in widths)
+    if group.eval_flops:
+      loss = sum(n * frac * group.eval_flops for n, frac in rounds)
+    else:  # each layer reads min(T_l, t_i) tokens of round i
+      total = max(group.tokens)
+      loss = sum(n * linear_loss_flops(dataclasses.replace(
+          group, tokens=tuple(min(t, math.ceil(frac * total)) for t in group.tokens)), rank) for n, frac in rounds)
+    out = {"smooth_svd": candidates * one["svd"] + sum(n for n, _ in rounds[1:]) * residual, "smooth_loss": loss}
   if rank:
     shared = shared_branch and len(group.kernels) > 1
     loops = [group] if shared else [
@@ -151,8 +195,8 @@ def flux_block_groups(kind: str, dim: int, samples: int, img_tokens: int, txt_to
   if kind == "flux_double":
     attn = attention(ev)
     mlp = lambda t: matmul_flops(t, d, h) + matmul_flops(t, h, d)  # noqa: E731
-    groups = [GroupShape("qkv", ((d, 3 * d),), (t_img,), eval_flops=attn),
-              GroupShape("add_qkv", ((d, 3 * d),), (t_txt,), eval_flops=attn),
+    groups = [GroupShape("qkv", ((d, 3 * d),), (t_img,), eval_flops=attn, eval_tokens=ev * length),
+              GroupShape("add_qkv", ((d, 3 * d),), (t_txt,), eval_flops=attn, eval_tokens=ev * length),
               GroupShape("out", ((d, d), (d, d)), (cap(t_img), cap(t_txt)), hessian_inputs=2),
               GroupShape("ff.fc1", ((d, h),), (cap(t_img),)), GroupShape("ff.fc2", ((h, d),), (cap(t_img),)),
               GroupShape("ff_context.fc1", ((d, h),), (cap(t_txt),)),
@@ -160,7 +204,8 @@ def flux_block_groups(kind: str, dim: int, samples: int, img_tokens: int, txt_to
     return groups, attention(samples) + mlp(t_img) + mlp(t_txt)
   if kind == "flux_single":
     forward = single(samples)
-    groups = [GroupShape("qkv_mlp", ((d, 3 * d), (d, h)), (t_all, t_all), eval_flops=single(ev)),
+    groups = [GroupShape("qkv_mlp", ((d, 3 * d), (d, h)), (t_all, t_all), eval_flops=single(ev),
+                         eval_tokens=ev * length),
               GroupShape("proj_out_attn", ((d, d),), (cap(t_all),)),
               GroupShape("proj_out_mlp", ((h, d),), (cap(t_all),))]
     return groups, forward
@@ -169,13 +214,15 @@ def flux_block_groups(kind: str, dim: int, samples: int, img_tokens: int, txt_to
 
 def block_flops(groups: Sequence[GroupShape], forward_flops: float, *, rank: int = 32, candidates: int = 39,
                 lowrank_iters: int = 100, shared_branch: bool = False, gptq: bool = False,
-                svd_iters: int = DEFAULT_SVD_ITERS, oversample: int | None = None) -> dict[str, float]:
+                svd_iters: int = DEFAULT_SVD_ITERS, oversample: int | None = None, halving_tokens: int = 0,
+                halving_keep: float = 0.5, module_cuts: bool = True) -> dict[str, float]:
   """FLOPs of one block per stage (:data:`STAGES`, plus the ``*_svd`` / ``*_loss`` split and ``total``)."""
   out = dict.fromkeys(("smooth_svd", "smooth_loss", "lowrank_svd", "lowrank_loss", "gptq"), 0.0)
   for g in groups:
     for key, value in group_flops(g, rank=rank, candidates=candidates, lowrank_iters=lowrank_iters,
                                   shared_branch=shared_branch, gptq=gptq, svd_iters=svd_iters,
-                                  oversample=oversample).items():
+                                  oversample=oversample, halving_tokens=halving_tokens,
+                                  halving_keep=halving_keep, module_cuts=module_cuts).items():
       out[key] += value
   out["smooth"] = out["smooth_svd"] + out["smooth_loss"]
   out["lowrank"] = out["lowrank_svd"] + out["lowrank_loss"]
@@ -191,5 +238,15 @@ def estimate_seconds(flops: float, matmul_flops_per_s: float, efficiency: float 
   return flops / (matmul_flops_per_s * efficiency)
 
 
-__all__ = ["STAGES", "GroupShape", "matmul_flops", "svd_flops", "linear_loss_flops", "candidate_flops",
-           "group_flops", "flux_block_groups", "block_flops", "estimate_seconds"]
+def estimate_mixed_seconds(flops: dict[str, float], loss_dtype: str, f32_flops_per_s: float,
+                           bf16_flops_per_s: float, efficiency: float = 1.0) -> float:
+  """Time of one block's stage FLOPs (:func:`block_flops`) when the loss evaluations
+  (:data:`LOSS_KEYS`) run at ``loss_dtype`` and everything else at the float32 rate."""
+  low = sum(flops[k] for k in LOSS_KEYS) if loss_dtype == "bfloat16" else 0.0
+  return (estimate_seconds(flops["total"] - low, f32_flops_per_s, efficiency)
+          + estimate_seconds(low, bf16_flops_per_s, efficiency))
+
+
+__all__ = ["STAGES", "LOSS_KEYS", "GroupShape", "matmul_flops", "svd_flops", "linear_loss_flops", "candidate_flops",
+           "smoothing_rounds", "group_flops", "flux_block_groups", "block_flops", "estimate_seconds",
+           "estimate_mixed_seconds"]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from svdquant_jax.formats.quantizers import FORMATS, QuantFormat, QuantizationError
 from svdquant_jax.quant.refine import RefineSettings
-from svdquant_jax.quant.smooth import alpha_beta_grid
+from svdquant_jax.quant.smooth import LOSS_DTYPES, alpha_beta_grid
 
 REPLAY_MODES = ("fp", "quantized")
 
@@ -52,6 +52,17 @@ class PTQSettings:
       permutation (``token_seed``).
     refine: learned refinement of the pieces after the search and GPTQ
       (:class:`~svdquant_jax.quant.refine.RefineSettings`; off by default).
+    loss_dtype: operand dtype of the loss evaluations of the smoothing grid and the alternating
+      iterations: ``"float32"`` (``Precision.HIGHEST``, today's) or ``"bfloat16"`` (bf16 x bf16 ->
+      float32 accumulation; :func:`~svdquant_jax.quant.smooth.loss_forward`). Losses that do not
+      support it (no ``loss_dtype`` field) stay float32.
+    halving_tokens: successive halving of the smoothing grid from this many tokens (0: off, the
+      exhaustive grid; :func:`~svdquant_jax.quant.smooth.halving_schedule`), token subsets seeded
+      by ``token_seed``.
+    halving_keep: fraction of the smoothing candidates kept per halving round, in (0, 1).
+
+  The dataclass defaults are the exact search (float32 losses, exhaustive grid): :meth:`exact`
+  gives these for any settings. The PTQ config's defaults (``quant.search``) may differ.
   """
   fmt: QuantFormat = FORMATS["int4"]
   rank: int = 32
@@ -77,6 +88,9 @@ class PTQSettings:
   max_tokens: int = 0
   token_seed: int = 0
   refine: RefineSettings = RefineSettings()
+  loss_dtype: str = "float32"
+  halving_tokens: int = 0
+  halving_keep: float = 0.5
 
   def __post_init__(self):
     if not isinstance(self.fmt, QuantFormat):
@@ -91,6 +105,12 @@ class PTQSettings:
       raise ValueError("calib.batch_size and quant.smooth.candidates_per_batch must be positive")
     if self.max_tokens < 0:
       raise ValueError(f"calib.max_tokens must be >= 0, got {self.max_tokens}")
+    if self.loss_dtype not in LOSS_DTYPES:
+      raise ValueError(f"quant.search.loss_dtype must be one of {LOSS_DTYPES}, got {self.loss_dtype!r}")
+    if self.halving_tokens < 0:
+      raise ValueError(f"quant.search.halving_tokens must be >= 0 (0: exhaustive grid), got {self.halving_tokens}")
+    if not 0.0 < self.halving_keep < 1.0:
+      raise ValueError(f"quant.search.halving_keep must be in (0, 1), got {self.halving_keep}")
     if self.grid is not None:
       object.__setattr__(self, "grid", tuple((float(a), float(b)) for a, b in self.grid))
     object.__setattr__(self, "skips", tuple(self.skips))
@@ -104,6 +124,16 @@ class PTQSettings:
 
   def replace(self, **changes: Any) -> PTQSettings:
     return dataclasses.replace(self, **changes)
+
+  @property
+  def exact_search(self) -> bool:
+    """Whether the searches are today's: float32 losses and the exhaustive smoothing grid."""
+    return self.loss_dtype == "float32" and not self.halving_tokens
+
+  def exact(self) -> PTQSettings:
+    """These settings with the exact search (float32 losses, exhaustive grid): the choices and
+    codes of the search before the cost cuts, bit for bit."""
+    return self.replace(loss_dtype="float32", halving_tokens=0, halving_keep=0.5)
 
   @classmethod
   def from_config(cls, config: Any, param_dtype: Any = None) -> PTQSettings:
@@ -126,10 +156,26 @@ class PTQSettings:
                gptq_block_size=q.gptq.block_size, gptq_max_inv_tries=q.gptq.num_inv_tries,
                candidate_batch=q.smooth.candidates_per_batch, shift_activations=q.shift_activations,
                weight_only_adaln=q.weight_only_adaln, skips=tuple(q.skips), batch_size=c.batch_size,
-               replay=c.replay, max_tokens=c.max_tokens, token_seed=c.seed, refine=_refine_settings(q))
+               replay=c.replay, max_tokens=c.max_tokens, token_seed=c.seed, refine=_refine_settings(q),
+               **_search_settings(q))
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+SEARCH_MODES = ("fast", "exact")
+
+
+def _search_settings(q: Any) -> dict[str, Any]:
+  """The ``quant.search`` section (absent in older configs: exact); mode ``"exact"`` ignores the rest."""
+  s = q.get("search", None)
+  if s is None:
+    return {}
+  if s.mode not in SEARCH_MODES:
+    raise ValueError(f"quant.search.mode must be one of {SEARCH_MODES}, got {s.mode!r}")
+  if s.mode == "exact":
+    return {}
+  return {"loss_dtype": s.loss_dtype, "halving_tokens": s.halving_tokens, "halving_keep": s.halving_keep}
 
 
 def _refine_settings(q: Any) -> RefineSettings:

@@ -23,22 +23,37 @@
 The search evaluates ``candidate_batch`` candidates at a time with ``lax.map`` (a sequential loop
 of vmapped chunks) so that memory stays that of ``candidate_batch`` candidates at FLUX size, and
 compiles once per shapes.
+
+Cheaper searches (off by default; ``docs/benchmarks.md``, "PTQ search cost cuts"):
+
+  * ``loss_dtype="bfloat16"`` (:func:`with_loss_dtype`): the loss's token-sized matmuls run with
+    bfloat16 operands and float32 accumulation (:func:`loss_forward`); the reference outputs, the
+    SVDs and the chosen candidate's quantities stay float32 ``HIGHEST``;
+  * successive halving (``halving_tokens > 0``, :func:`halving_schedule`): every candidate is scored
+    on a seeded subset of ``halving_tokens`` tokens, the best ``halving_keep`` fraction is kept and
+    rescored on ``1 / halving_keep`` times more tokens (nested prefixes of one seeded permutation),
+    until one remains. The SVD factors of round 1 are kept (``[P, K, r]``, small), so no SVD is
+    repeated. It needs a loss with ``take_tokens`` (:class:`LinearOutputLoss` has it); otherwise,
+    or when the subset would hold every token, the exhaustive search runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from svdquant_jax.quant.lowrank import DEFAULT_SVD_ITERS, split_columns, svd_lowrank
-from svdquant_jax.formats.quantizers import QuantFormat, QuantizationError
-from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, as_traceable_loss, fake_forward
+from svdquant_jax.formats.quantizers import QuantFormat, QuantizationError, fake_quant_act, true_divide
+from svdquant_jax.quant.weights import (PRECISION, SVDQuantWeights, act_shift, as_traceable_loss, fake_forward,
+                                        quantized_residual, shift_compensation)
 
 Array = jax.Array
+LOSS_DTYPES = ("float32", "bfloat16")
 
 
 def alpha_beta_grid(num_grids: int = 20) -> tuple[tuple[float, float], ...]:
@@ -120,7 +135,8 @@ def search_smoothing(kernels: Sequence[Array], x_absmax: Array, loss_fn: Callabl
                      biases: Sequence[Array] | None = None, rank: int = 32,
                      grid: Sequence[tuple[float, float]] | None = None, candidate_batch: int = 1,
                      svd_iters: int = DEFAULT_SVD_ITERS, oversample: int | None = None,
-                     shared_branch: bool = False, precision: Any = PRECISION) -> SmoothingResult:
+                     shared_branch: bool = False, precision: Any = PRECISION, halving_tokens: int = 0,
+                     halving_keep: float = 0.5, halving_seed: int = 0) -> SmoothingResult:
   """Grid search of λ for the kernels sharing one input (spec §1.2).
 
   Args:
@@ -136,9 +152,17 @@ def search_smoothing(kernels: Sequence[Array], x_absmax: Array, loss_fn: Callabl
     svd_iters, oversample, precision: SVD settings.
     shared_branch: score each candidate with one branch shared by all kernels
       (:func:`shared_one_shot_candidates`) instead of one branch per kernel.
+    halving_tokens: successive halving from this many tokens (0: off, the exhaustive search; see
+      :func:`halving_schedule`). Needs a loss with ``num_tokens`` and ``take_tokens``
+      (:class:`LinearOutputLoss`); with another loss, or ``halving_tokens >= num_tokens``, the
+      exhaustive search runs.
+    halving_keep: fraction of the candidates kept after each round, in (0, 1).
+    halving_seed: seed of the token permutation whose prefixes are the rounds' subsets.
 
   Returns:
-    :class:`SmoothingResult`.
+    :class:`SmoothingResult`. With successive halving, ``losses`` holds each candidate's loss in
+    the last round it was scored, scaled by ``num_tokens / tokens`` of that round (an estimate of
+    its full loss).
   """
   if not kernels:
     raise QuantizationError("search_smoothing: kernels is empty")
@@ -146,10 +170,20 @@ def search_smoothing(kernels: Sequence[Array], x_absmax: Array, loss_fn: Callabl
   grid = alpha_beta_grid() if grid is None else tuple(tuple(float(v) for v in p) for p in grid)
   if candidate_batch < 1:
     raise QuantizationError(f"candidate_batch must be >= 1, got {candidate_batch}")
-  return _search_smoothing(list(kernels), x_absmax, as_traceable_loss(loss_fn), biases, fmt=fmt, rank=rank,
+  loss_fn = as_traceable_loss(loss_fn)
+  shared_branch = bool(shared_branch and rank and len(kernels) > 1)
+  if halving_tokens < 0 or (halving_tokens and not 0.0 < halving_keep < 1.0):
+    raise QuantizationError(f"successive halving needs halving_tokens >= 0 and 0 < halving_keep < 1, got "
+                            f"{halving_tokens}, {halving_keep}")
+  total = getattr(loss_fn, "num_tokens", None) if hasattr(loss_fn, "take_tokens") else None
+  if halving_tokens and total is not None and halving_tokens < total and len(grid) > 1:
+    return _search_smoothing_halving(
+        list(kernels), x_absmax, loss_fn, biases, fmt=fmt, rank=rank, grid=grid, candidate_batch=candidate_batch,
+        svd_iters=svd_iters, oversample=oversample, shared_branch=shared_branch, precision=precision,
+        schedule=halving_schedule(len(grid), int(total), halving_tokens, halving_keep), seed=int(halving_seed))
+  return _search_smoothing(list(kernels), x_absmax, loss_fn, biases, fmt=fmt, rank=rank,
                            grid=grid, candidate_batch=candidate_batch, svd_iters=svd_iters,
-                           oversample=oversample, shared_branch=bool(shared_branch and rank and len(kernels) > 1),
-                           precision=precision)
+                           oversample=oversample, shared_branch=shared_branch, precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "rank", "grid", "candidate_batch", "svd_iters", "oversample",
@@ -177,6 +211,144 @@ def _search_smoothing(kernels, x_absmax, loss_fn, biases, *, fmt, rank, grid, ca
   return SmoothingResult(lam, index, losses)
 
 
+def halving_schedule(num_candidates: int, num_tokens: int, initial_tokens: int,
+                     keep: float = 0.5) -> tuple[tuple[int, int], ...]:
+  """The rounds of successive halving: ``((candidates, tokens), ...)``, static.
+
+  Round 1 scores all ``num_candidates`` on ``min(initial_tokens, num_tokens)`` tokens; each next
+  round keeps ``ceil(keep x candidates)`` (at least one fewer) and scores them on
+  ``ceil(tokens / keep)`` tokens (at most ``num_tokens``). The best of the last round wins.
+  E.g. 39 candidates from 4096 of 131072 tokens, keep 0.5:
+  ``(39, 4096), (20, 8192), (10, 16384), (5, 32768), (3, 65536), (2, 131072)``.
+  """
+  if num_candidates < 1 or num_tokens < 1 or initial_tokens < 1 or not 0.0 < keep < 1.0:
+    raise QuantizationError(f"halving_schedule needs positive counts and 0 < keep < 1, got {num_candidates} "
+                            f"candidates, {num_tokens} tokens, {initial_tokens} initial tokens, keep {keep}")
+  rounds, n, t = [], num_candidates, min(initial_tokens, num_tokens)
+  while n > 1:
+    rounds.append((n, t))
+    n = min(n - 1, max(1, math.ceil(round(n * keep, 9))))  # round: 9 x (1/3) is 3, not 3 + 4e-16
+    t = min(num_tokens, math.ceil(round(t / keep, 9)))
+  return tuple(rounds)
+
+
+def _candidate_factors(kernels, lam, rank, svd_iters, oversample, shared_branch, precision):
+  """The rank-r SVD factors ``[(A, B)]`` of one λ: one pair per kernel, or one of the concatenation."""
+  if shared_branch:
+    w_hat = jnp.concatenate([lam[:, None] * w.astype(jnp.float32) for w in kernels], axis=1)
+    return [svd_lowrank(w_hat, rank, svd_iters, oversample, precision)]
+  return [svd_lowrank(lam[:, None] * w.astype(jnp.float32), rank, svd_iters, oversample, precision)
+          for w in kernels]
+
+
+def _candidates_from_factors(kernels, biases, lam, factors, shared_branch, precision) -> list[SVDQuantWeights]:
+  """The one-shot candidates of :func:`one_shot_candidate` / :func:`shared_one_shot_candidates`
+  from their SVD factors."""
+  if shared_branch:
+    (a, b), = factors
+    w_hat = jnp.concatenate([lam[:, None] * w.astype(jnp.float32) for w in kernels], axis=1)
+    whole = SVDQuantWeights(lam, w_hat - jnp.dot(a, b, precision=precision), a, b,
+                            jnp.concatenate([jnp.asarray(bias, jnp.float32) for bias in biases]))
+    return split_columns(whole, [w.shape[1] for w in kernels])
+  out = []
+  for w, bias, (a, b) in zip(kernels, biases, factors):
+    w_hat = lam[:, None] * w.astype(jnp.float32)
+    out.append(SVDQuantWeights(lam, w_hat - jnp.dot(a, b, precision=precision), a, b, bias))
+  return out
+
+
+def _best_first(indices: Array, losses: Array) -> Array:
+  """``indices`` ordered by loss (NaN last), ties by larger index first (the exhaustive ``<=`` rule)."""
+  finite = jnp.where(jnp.isnan(losses), jnp.inf, losses)
+  return indices[jnp.lexsort((-indices, finite))]
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "rank", "grid", "candidate_batch", "svd_iters", "oversample",
+                                             "shared_branch", "precision", "schedule", "seed"))
+def _search_smoothing_halving(kernels, x_absmax, loss_fn, biases, *, fmt, rank, grid, candidate_batch, svd_iters,
+                              oversample, shared_branch, precision, schedule, seed) -> SmoothingResult:
+  del fmt
+  w_absmax = weight_absmax(kernels)
+  pairs = jnp.asarray(grid, jnp.float32)
+  total = loss_fn.num_tokens
+  batch = candidate_batch if candidate_batch > 1 else None
+  scale = lambda pair: smooth_scale(x_absmax, w_absmax, pair[0], pair[1])  # noqa: E731
+
+  (_, t0), rest = schedule[0], schedule[1:]
+  first_loss = loss_fn.take_tokens(t0, seed)
+
+  def first(pair):
+    lam = scale(pair)
+    factors = _candidate_factors(kernels, lam, rank, svd_iters, oversample, shared_branch, precision)
+    cands = _candidates_from_factors(kernels, biases, lam, factors, shared_branch, precision)
+    return factors, jnp.asarray(first_loss(cands), jnp.float32)
+
+  factors, round_losses = jax.lax.map(first, pairs, batch_size=batch)
+  losses = round_losses * jnp.float32(total / t0)
+  alive = jnp.arange(len(grid), dtype=jnp.int32)
+  for n, t in rest:
+    alive = _best_first(alive, round_losses)[:n]
+    sub_loss = loss_fn.take_tokens(t, seed)
+
+    def later(j, sub_loss=sub_loss):
+      lam = scale(pairs[j])
+      picked = jax.tree_util.tree_map(lambda f: f[j], factors)
+      cands = _candidates_from_factors(kernels, biases, lam, picked, shared_branch, precision)
+      return jnp.asarray(sub_loss(cands), jnp.float32)
+
+    round_losses = jax.lax.map(later, alive, batch_size=batch)
+    losses = losses.at[alive].set(round_losses * jnp.float32(total / t))
+  index = _best_first(alive, round_losses)[0]
+  return SmoothingResult(scale(pairs[index]), index, losses)
+
+
+# ----------------------------------------------------------------------------- loss precision
+def loss_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 0.0, loss_dtype: str = "float32",
+                 precision: Any = PRECISION) -> Array:
+  """:func:`~svdquant_jax.quant.weights.fake_forward` with the token-sized matmuls at ``loss_dtype``.
+
+  ``"float32"``: ``fake_forward`` itself (``precision``). ``"bfloat16"``: the same formula with the
+  products ``Qa(x̃) Qw(R)``, ``x̂ A`` and ``(x̂ A) B`` taken with bfloat16 operands and float32
+  accumulation (what a GPU runs at its bf16 rate); the quantizers, the division by λ and the
+  ``[K] x [K, N]`` shift compensation stay float32. ``[..., K] -> [..., N]`` in ``x.dtype``.
+  """
+  if loss_dtype == "float32":
+    return fake_forward(x, w, fmt, shift, precision)
+  if loss_dtype not in LOSS_DTYPES:
+    raise QuantizationError(f"loss_dtype must be one of {LOSS_DTYPES}, got {loss_dtype!r}")
+  low = jnp.dtype(loss_dtype)
+  dot = lambda a, b: jnp.dot(a.astype(low), b.astype(low), preferred_element_type=jnp.float32)  # noqa: E731
+  delta = act_shift(fmt, shift)
+  xf = x.astype(jnp.float32)
+  x_hat = true_divide(xf, w.smooth)
+  x_tilde = true_divide(xf + jnp.float32(delta), w.smooth) if delta else x_hat
+  qw = quantized_residual(w, fmt)
+  y = dot(fake_quant_act(x_tilde, fmt, unsigned=delta > 0), qw)
+  if w.rank:
+    y = y + dot(dot(x_hat, w.lora_a), w.lora_b)
+  y = y + w.bias
+  if delta:
+    y = y - shift_compensation(w.smooth, qw, delta, precision)
+  return y.astype(x.dtype)
+
+
+def with_loss_dtype(loss_fn: Callable, loss_dtype: str) -> Callable:
+  """``loss_fn`` evaluated at ``loss_dtype`` when it supports it (a dataclass with a ``loss_dtype``
+  field, such as :class:`LinearOutputLoss`); any other loss is returned unchanged."""
+  if loss_dtype not in LOSS_DTYPES:
+    raise QuantizationError(f"loss_dtype must be one of {LOSS_DTYPES}, got {loss_dtype!r}")
+  if (dataclasses.is_dataclass(loss_fn) and not isinstance(loss_fn, type)
+      and any(f.name == "loss_dtype" for f in dataclasses.fields(loss_fn)) and loss_fn.loss_dtype != loss_dtype):
+    return dataclasses.replace(loss_fn, loss_dtype=loss_dtype)
+  return loss_fn
+
+
+def seeded_rows(num_rows: int, count: int, seed: int) -> Array:
+  """The first ``count`` of a seeded permutation of ``num_rows`` rows (``int32 [count]``): the
+  token subsets of successive halving (one seed: nested prefixes)."""
+  return jax.random.permutation(jax.random.key(seed), num_rows)[:count]
+
+
 # ----------------------------------------------------------------------------- linear-level loss
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinearOutputLoss:
@@ -192,12 +364,14 @@ class LinearOutputLoss:
     fmt: quantization format (static).
     shifts: per layer δ (static).
     precision: matmul precision (static).
+    loss_dtype: operand dtype of the candidates' token-sized matmuls (static; :func:`loss_forward`).
   """
   x: Array
   targets: tuple
   fmt: QuantFormat
   shifts: tuple
   precision: Any = PRECISION
+  loss_dtype: str = "float32"
 
   def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
     if len(candidates) != len(self.targets):
@@ -205,19 +379,36 @@ class LinearOutputLoss:
     total = jnp.zeros((), jnp.float32)
     for cand, target, shift in zip(candidates, self.targets, self.shifts):
       if cand is not None:
-        err = target - fake_forward(self.x, cand, self.fmt, shift, self.precision)
+        if self.loss_dtype == "float32":  # today's path, unchanged
+          err = target - fake_forward(self.x, cand, self.fmt, shift, self.precision)
+        else:
+          err = target - loss_forward(self.x, cand, self.fmt, shift, self.loss_dtype, self.precision)
         total = total + jnp.sum(err * err)
     return total
 
+  @property
+  def num_tokens(self) -> int:
+    return self.x.shape[0]
+
+  def take_tokens(self, count: int, seed: int) -> LinearOutputLoss:
+    """The same loss on ``count`` tokens, the prefix of a permutation seeded by ``seed``."""
+    if count >= self.num_tokens:
+      return self
+    rows = seeded_rows(self.num_tokens, count, seed)
+    return dataclasses.replace(self, x=self.x[rows], targets=tuple(t[rows] for t in self.targets))
+
 
 jax.tree_util.register_dataclass(LinearOutputLoss, data_fields=["x", "targets"],
-                                 meta_fields=["fmt", "shifts", "precision"])
+                                 meta_fields=["fmt", "shifts", "precision", "loss_dtype"])
 
 
 def linear_output_loss(x_samples: Array, kernels: Sequence[Array], biases: Sequence[Array | None] | None,
                        fmt: QuantFormat, shifts: Sequence[float] | None = None,
-                       precision: Any = PRECISION) -> LinearOutputLoss:
-  """The linear-level loss (granularity ``Layer``) for kernels sharing the input ``x_samples [..., K]``."""
+                       precision: Any = PRECISION, loss_dtype: str = "float32") -> LinearOutputLoss:
+  """The linear-level loss (granularity ``Layer``) for kernels sharing the input ``x_samples [..., K]``
+  (reference outputs float32 at ``precision``; candidates at ``loss_dtype``, :func:`loss_forward`)."""
+  if loss_dtype not in LOSS_DTYPES:
+    raise QuantizationError(f"loss_dtype must be one of {LOSS_DTYPES}, got {loss_dtype!r}")
   k = kernels[0].shape[0]
   x = x_samples.reshape(-1, k).astype(jnp.float32)
   biases = [None] * len(kernels) if biases is None else biases
@@ -226,8 +417,10 @@ def linear_output_loss(x_samples: Array, kernels: Sequence[Array], biases: Seque
   for w, b in zip(kernels, biases):
     y = jnp.dot(x, w.astype(jnp.float32), precision=precision)
     targets.append(y if b is None else y + b.astype(jnp.float32))
-  return LinearOutputLoss(x, tuple(targets), fmt, shifts, precision)
+  return LinearOutputLoss(x, tuple(targets), fmt, shifts, precision, loss_dtype)
 
 
-__all__ = ["alpha_beta_grid", "activation_absmax", "weight_absmax", "smooth_scale", "one_shot_candidate",
-           "shared_one_shot_candidates", "SmoothingResult", "search_smoothing", "LinearOutputLoss", "linear_output_loss"]
+__all__ = ["LOSS_DTYPES", "alpha_beta_grid", "activation_absmax", "weight_absmax", "smooth_scale",
+           "one_shot_candidate", "shared_one_shot_candidates", "SmoothingResult", "search_smoothing",
+           "halving_schedule", "loss_forward", "with_loss_dtype", "seeded_rows", "LinearOutputLoss",
+           "linear_output_loss"]

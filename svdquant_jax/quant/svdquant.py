@@ -107,12 +107,15 @@ def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, se
   biases = [b.astype(jnp.float32) for b in biases]
   if loss_fn is None:
     loss_fn = smooth_lib.linear_output_loss(x, kernels, biases, fmt, shifts)
+  # The searches' loss at the search precision (where the loss supports it); refinement keeps loss_fn.
+  search_loss = smooth_lib.with_loss_dtype(loss_fn, settings.loss_dtype)
   deltas = [act_shift(fmt, s) for s in shifts]
   if settings.smooth:
     found = smooth_lib.search_smoothing(
-        kernels, smooth_lib.activation_absmax(x, deltas), loss_fn, fmt, biases=biases, rank=rank,
+        kernels, smooth_lib.activation_absmax(x, deltas), search_loss, fmt, biases=biases, rank=rank,
         grid=settings.smoothing_grid, candidate_batch=settings.candidate_batch, svd_iters=svd_iters,
-        oversample=settings.oversample, shared_branch=shared_branch)
+        oversample=settings.oversample, shared_branch=shared_branch, halving_tokens=settings.halving_tokens,
+        halving_keep=settings.halving_keep, halving_seed=settings.token_seed)
     lam, smooth_index, smooth_losses = found.smooth, found.index, found.losses
   else:
     lam = jnp.ones((k,), jnp.float32)
@@ -124,7 +127,7 @@ def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, se
     w_hat = jnp.concatenate([lam[:, None] * w for w in kernels], axis=1)
     b_cat = jnp.concatenate(biases)
     result = lowrank_lib.alternating_lowrank(
-        w_hat, rank, fmt, _SharedBranchLoss(loss_fn, sizes), settings.lowrank_iters, settings.early_stop,
+        w_hat, rank, fmt, _SharedBranchLoss(search_loss, sizes), settings.lowrank_iters, settings.early_stop,
         smooth=lam, bias=b_cat, svd_iters=svd_iters, oversample=settings.oversample, column_splits=sizes)
     layers = lowrank_lib.split_columns(
         SVDQuantWeights(lam, result.residual, result.lora_a, result.lora_b, b_cat), sizes)
@@ -135,7 +138,7 @@ def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, se
       w_hat = lam[:, None] * w
       if rank:
         result = lowrank_lib.alternating_lowrank(
-            w_hat, rank, fmt, _OneLayerLoss(loss_fn, i, len(kernels)), settings.lowrank_iters,
+            w_hat, rank, fmt, _OneLayerLoss(search_loss, i, len(kernels)), settings.lowrank_iters,
             settings.early_stop, smooth=lam, bias=b, svd_iters=svd_iters, oversample=settings.oversample)
         layers.append(SVDQuantWeights(lam, result.residual, result.lora_a, result.lora_b, b))
         lr_losses.append(result.losses)
