@@ -22,6 +22,12 @@ numbers are comparable with deepcompressor's.
 
 Everything goes under ``<output_root>/<model>/<protocol>/``. The config is
 :mod:`svdquant_jax.flows.ptq_config`'s.
+
+Data parallel (``calib.data_parallel``, default on): the quantization splits the calibration
+samples over every device (of every process, after ``jax.distributed.initialize``; see
+``launch/ptq.py``). With several processes, process 0 alone makes the reference images and the
+calibration set (the others wait, then read it from the shared output folder), writes the
+progress files, and saves, evaluates and reports; every process takes part in the quantization.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from typing import Any, Sequence
 
 from absl import logging
+import jax
 import jax.numpy as jnp
 
 from svdquant_jax.eval import protocol
@@ -44,8 +51,9 @@ from svdquant_jax.pipelines.loading import load_pipeline
 from svdquant_jax.quant import collect, ptq
 from svdquant_jax.quant import quantized_model
 from svdquant_jax.quant.adapters import adapter_for_pipeline
+from svdquant_jax.quant.calib_cache import CalibrationSet
 from svdquant_jax.quant.settings import PTQSettings
-from svdquant_jax.utils import compile_cache
+from svdquant_jax.utils import compile_cache, sharding
 from svdquant_jax.utils.files import atomic_write_text
 
 RESULTS_JSON = "results.json"
@@ -133,10 +141,12 @@ class _Run:
   images: evaluate.ImageList
   reference: str
   samples: list[protocol.Sample] | None = None
+  mesh: Any = None
 
 
-def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any]:
-  """One method: quantize (resumable), save, generate, compare. Returns its results row."""
+def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any] | None:
+  """One method: quantize (resumable), save, generate, compare. Returns its results row (``None``
+  on the processes other than 0 of a multi-process run, which only quantize)."""
   pipeline = run.pipeline
   adapter = adapter_for_pipeline(pipeline)
   settings = PTQSettings.from_config(config, adapter.config.param_dtype)
@@ -145,8 +155,13 @@ def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any]:
   store = ptq.ProgressStore(os.path.join(run_dir, "progress"), identity, resume=config.resume)
   start = time.monotonic()
   layers = ptq.quantize_transformer(adapter, pipeline.transformer_params, run.state, settings, progress=store,
-                                    log=logging.info)
+                                    log=logging.info, mesh=run.mesh)
   seconds = time.monotonic() - start
+  if jax.process_count() > 1:
+    if not sharding.is_main_process():
+      return None
+    local = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(sharding.to_host(a)), tree)  # noqa: E731
+    layers = {k: dataclasses.replace(q, weights=local(q.weights)) for k, q in layers.items()}  # process-local
   params, specs = quantized_model.quantize_params(pipeline.transformer_params, layers, jnp.dtype(adapter.config.param_dtype))
   if config.save_model:
     quantized_model.save_quantized(os.path.join(run_dir, "model"), params, specs, metadata={
@@ -173,7 +188,10 @@ def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any]:
   if sheet:
     row["comparison"] = sheet
   if config.eval.block_errors:
-    errs = ptq.block_errors(adapter, pipeline.transformer_params, run.state, layers, settings.batch_size)
+    state = run.state
+    if jax.process_count() > 1:
+      state = jax.tree_util.tree_map(lambda a: jnp.asarray(sharding.to_host(a)), state)
+    errs = ptq.block_errors(adapter, pipeline.transformer_params, state, layers, settings.batch_size)
     row["block_errors"] = errs
     row["final_block_error"] = errs[-1][1]
   return row
@@ -224,6 +242,13 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines + [""] * bool(daggers or notes) + daggers + [f"- {n}" for n in notes])
 
 
+def _sync(what: str) -> None:
+  """Waits for every process (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(what)
+
+
 def run(config: Any) -> dict[str, Any]:
   """Runs the whole flow for ``config`` (:mod:`~svdquant_jax.flows.ptq_config`).
 
@@ -232,12 +257,15 @@ def run(config: Any) -> dict[str, Any]:
     ``reference`` (the reference image folder), ``fp_weight_mb``, ``rows`` (one per method:
     ``method, format, rank, smooth, gptq, psnr, ssim, weight_mb, quant_seconds, samples`` and,
     with ``eval.block_errors``, ``block_errors`` and ``final_block_error``) and ``config``.
-    With ``output_dirname="reference"`` only ``{"reference": folder}``.
+    With ``output_dirname="reference"`` only ``{"reference": folder}``. On the processes other
+    than 0 of a multi-process run: ``model``, empty ``rows`` and ``process_index``.
   """
   if config.output_dirname not in ("", "reference"):
     raise ValueError(f"output_dirname={config.output_dirname!r}: only 'reference' (or empty) is supported")
   compile_cache.configure(config.get("compilation_cache", compile_cache.AUTO))
   methods = ptq_config.method_configs(config)
+  main = sharding.is_main_process()
+  mesh = sharding.global_batch_mesh() if config.calib.get("data_parallel", True) else None
   pipeline = load_pipeline(config.model, path=config.model_path or None)
   generation = generation_settings(config, pipeline)
   root = os.path.join(config.output_root, config.model, protocol_name(generation))
@@ -250,29 +278,36 @@ def run(config: Any) -> dict[str, Any]:
   available = ["reference", "prompts"] + ["real"] * (images.real is not None)
   evaluator = evaluate.Evaluator(config.eval, len(images.files), available)
 
-  # 1. reference images
+  # 1. reference images (process 0)
   ref_dir = os.path.join(root, "reference")
-  _reference_images(pipeline, eval_prompts, generation, ref_dir, samples, evaluator.context.mesh)
+  if main:
+    _reference_images(pipeline, eval_prompts, generation, ref_dir, samples, evaluator.context.mesh)
   if config.output_dirname == "reference":
     print(f"reference images in {ref_dir}")
     return {"reference": ref_dir}
 
-  # 2. calibration set
+  # 2. calibration set (process 0 collects; the others read it once it is complete)
   calib_dir = config.calib.path or os.path.join(root, "calib")
-  calib = collect.collect_calibration(pipeline, calib_prompts, calib_dir, num_steps=generation.num_steps,
-                                      guidance=generation.guidance, height=generation.height,
-                                      width=generation.width, seed=generation.seed,
-                                      batch_size=generation.batch_size, model_name=config.model, log=logging.info)
+  if main:
+    calib = collect.collect_calibration(pipeline, calib_prompts, calib_dir, num_steps=generation.num_steps,
+                                        guidance=generation.guidance, height=generation.height,
+                                        width=generation.width, seed=generation.seed,
+                                        batch_size=generation.batch_size, model_name=config.model, log=logging.info)
+  _sync("calibration set")
+  if not main:
+    calib = CalibrationSet(calib_dir, fingerprint=collect.transformer_fingerprint(pipeline))
   indices = calib.select(config.calib.num_samples, config.calib.seed)
   logging.info("calibration: %d of %d samples from %s", len(indices), len(calib), calib_dir)
   adapter = adapter_for_pipeline(pipeline)
   state = ptq.initial_state(adapter, pipeline.transformer_params, calib, indices, config.calib.batch_size)
   shared = _Run(pipeline, state, {"model": calib.fingerprint, "calibration": calib.fingerprint + str(calib.settings),
                                   "samples": indices}, eval_prompts, generation, root, evaluator, images, ref_dir,
-                samples)
+                samples, mesh)
 
   # 3-4. the method and its baselines
   rows = [quantize_and_evaluate(c, shared) for c in methods]
+  if not main:
+    return {"model": config.model, "rows": [], "process_index": jax.process_index()}
   reference_row = {}
   if any(m.against == eval_metrics.GROUND_TRUTH for m in evaluator.active):
     reference_row = evaluate.result_fields(evaluator.evaluate(

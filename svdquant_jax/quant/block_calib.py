@@ -7,6 +7,14 @@ device batches of ``batch_size``, so device memory holds the block state of all 
 The losses are registered dataclass pytrees: their arrays are traced arguments, their layout is
 static, so ``quantize_linear_group`` compiles once per group kind and serves every block of
 that kind (19 FLUX double blocks share one compilation per group).
+
+Data parallel: given a ``mesh`` (static; ``None`` or one device: the single-device path), the
+state ``[S, ...]`` is split over its devices (``utils.sharding.shard_samples``), every pass runs
+each device's samples with the single-device program (``utils.sharding.map_samples``), and the
+losses gather the per-sample (per-row) squared errors in sample order before summing them, so
+that the sums are the single-device ones, not a per-device partial sum plus an all-reduce.
+Everything else a search computes (activation maxima, SVDs, Hessians) gets whole, replicated
+inputs (``quant/ptq.py``), so XLA has nothing to partition there.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from svdquant_jax.quant.adapters import ModelAdapter, State
 from svdquant_jax.formats.quantizers import QuantFormat
 from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, fake_forward
 from svdquant_jax.quant.taps import Path, apply_with_taps
+from svdquant_jax.utils import sharding
 
 Array = jax.Array
 # (layer path, format, shift) of each replaced layer: static.
@@ -47,10 +56,11 @@ def _apply_one(adapter: ModelAdapter, kind: str, params: Any, sample: State, spe
 
 
 @functools.partial(jax.jit, static_argnames=("adapter", "kind", "spec", "record_inputs", "record_outputs",
-                                             "batch_size"))
+                                             "batch_size", "mesh"))
 def run_block(adapter: ModelAdapter, kind: str, params: Any, state: State, weights: Sequence[SVDQuantWeights] = (),
               *, spec: ReplaceSpec = (), record_inputs: tuple[Path, ...] = (),
-              record_outputs: tuple[Path, ...] = (), batch_size: int = 8) -> tuple[State, dict]:
+              record_outputs: tuple[Path, ...] = (), batch_size: int = 8,
+              mesh: jax.sharding.Mesh | None = None) -> tuple[State, dict]:
   """One block over all samples: ``state [S, ...] -> (state after the block, recordings [S, ...])``.
 
   Args:
@@ -60,10 +70,17 @@ def run_block(adapter: ModelAdapter, kind: str, params: Any, state: State, weigh
     weights, spec: layers replaced by their fake-quantized SVDQuant form.
     record_inputs / record_outputs: layer inputs / module outputs to return, per sample.
     batch_size: samples per device batch.
+    mesh: split the samples over this mesh (state and recordings stay split; ``None``: one device).
   """
   def body(sample):
     return _apply_one(adapter, kind, params, sample, spec, weights, record_inputs, record_outputs)
-  return jax.lax.map(body, state, batch_size=batch_size)
+  return sharding.map_samples(body, state, mesh, batch_size)
+
+
+def _ordered_sum(values: Array) -> Array:
+  """Sum of a ``[n]`` vector whole on every device; the barrier keeps XLA from fusing it with the
+  reduction that produced ``values`` (which would change the order of the additions)."""
+  return jnp.sum(jax.lax.optimization_barrier(values))
 
 
 def _squared_error(out: Any, ref: Any) -> Array:
@@ -90,6 +107,7 @@ class ModuleOutputLoss:
   fmt: QuantFormat
   shifts: tuple[float, ...]
   batch_size: int
+  mesh: jax.sharding.Mesh | None = None
 
   def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
     used = [(p, s, c) for p, s, c in zip(self.layer_paths, self.shifts, candidates) if c is not None]
@@ -101,12 +119,13 @@ class ModuleOutputLoss:
       _, rec = _apply_one(self.adapter, self.kind, self.params, sample, spec, weights, (), (self.eval_path,))
       return _squared_error(rec["outputs"][self.eval_path], ref)
 
-    return jnp.sum(jax.lax.map(body, (self.state, self.reference), batch_size=self.batch_size))
+    per_sample = sharding.map_samples(body, (self.state, self.reference), self.mesh, self.batch_size, gather=True)
+    return _ordered_sum(per_sample)
 
 
 jax.tree_util.register_dataclass(
     ModuleOutputLoss, data_fields=["params", "state", "reference"],
-    meta_fields=["adapter", "kind", "layer_paths", "eval_path", "fmt", "shifts", "batch_size"])
+    meta_fields=["adapter", "kind", "layer_paths", "eval_path", "fmt", "shifts", "batch_size", "mesh"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +139,24 @@ class LayerOutputsLoss:
   targets: tuple
   fmt: QuantFormat
   shifts: tuple[float, ...]
+  mesh: jax.sharding.Mesh | None = None
 
   def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
     total = jnp.zeros((), jnp.float32)
     for x, target, shift, cand in zip(self.xs, self.targets, self.shifts, candidates):
       if cand is not None:
-        total = total + jnp.sum(jnp.square(fake_forward(x, cand, self.fmt, shift) - target))
+        def rows(xt, cand=cand, shift=shift):
+          return jnp.sum(jnp.square(fake_forward(xt[0], cand, self.fmt, shift) - xt[1]), axis=-1)
+        if self.mesh is None:
+          per_row = rows((x, target))
+        else:
+          per_row = sharding.per_device(rows, (x, target), self.mesh, gather=True)
+        total = total + _ordered_sum(per_row)
     return total
 
 
-jax.tree_util.register_dataclass(LayerOutputsLoss, data_fields=["xs", "targets"], meta_fields=["fmt", "shifts"])
+jax.tree_util.register_dataclass(LayerOutputsLoss, data_fields=["xs", "targets"],
+                                 meta_fields=["fmt", "shifts", "mesh"])
 
 
 @jax.jit
@@ -139,8 +166,18 @@ def _linear_targets(x: Array, kernel: Array, bias: Array | None) -> Array:
 
 
 def layer_outputs_loss(xs: Sequence[Array], kernels: Sequence[Array], biases: Sequence[Array | None],
-                       fmt: QuantFormat, shifts: Sequence[float]) -> LayerOutputsLoss:
-  """Builds :class:`LayerOutputsLoss` from per-layer inputs ``[T_i, K]`` (float32 kept)."""
+                       fmt: QuantFormat, shifts: Sequence[float],
+                       mesh: jax.sharding.Mesh | None = None) -> LayerOutputsLoss:
+  """Builds :class:`LayerOutputsLoss` from per-layer inputs ``[T_i, K]`` (float32 kept).
+
+  With a ``mesh`` of more than one device the rows (and their targets, computed whole) are split
+  over it when every ``T_i`` divides evenly; otherwise the loss runs whole on every device.
+  """
   xs = tuple(x.astype(jnp.float32) for x in xs)
   targets = tuple(_linear_targets(x, w, b) for x, w, b in zip(xs, kernels, biases))
-  return LayerOutputsLoss(xs, targets, fmt, tuple(float(s) for s in shifts))
+  if mesh is not None and (mesh.size == 1 or any(x.shape[0] % mesh.size for x in xs)):
+    mesh = None
+  if mesh is not None:
+    xs = tuple(sharding.shard_samples(x, mesh, "layer loss inputs") for x in xs)
+    targets = tuple(sharding.shard_samples(t, mesh, "layer loss targets") for t in targets)
+  return LayerOutputsLoss(xs, targets, fmt, tuple(float(s) for s in shifts), mesh)

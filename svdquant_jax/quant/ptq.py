@@ -11,6 +11,14 @@ For each block, in order:
   5. the next block's inputs: the block's full-precision outputs (``replay="fp"``, as
      deepcompressor, whose smoothing and branch are exact re-parametrizations before weights are
      quantized) or its outputs with every quantized layer applied (``replay="quantized"``).
+
+Data parallel (``mesh`` of :func:`quantize_transformer`): the calibration state is split over the
+devices along the sample axis and the block's params replicated; the block passes and the losses
+of every search candidate run per device (``block_calib``), while the recorded layer inputs are
+gathered whole onto every device for what is cheap next to those passes (activation maxima,
+GPTQ Hessians), which are then the single-device ones. The chosen (α, β), kept iterations and
+GPTQ attempts are those of one device; the numbers that follow agree within the tolerances of
+tests/test_ptq_data_parallel.py (docs/design.md, "Data-parallel PTQ").
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from svdquant_jax.quant.calib_cache import CalibrationSet
 from svdquant_jax.quant.settings import PTQSettings
 from svdquant_jax.quant.svdquant import SVDQuantWeights, plain_weights, quantize_linear_group
 from svdquant_jax.quant.taps import parse_path
+from svdquant_jax.utils import sharding
 from svdquant_jax.utils.files import atomic_write_text, quiet_info_logs
 from svdquant_jax.utils.progress import Progress
 
@@ -95,8 +104,13 @@ def _dense(params: Mapping[str, Any], path: tuple[str, ...], where: str) -> tupl
 
 def quantize_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, Any], state: State,
                    settings: PTQSettings, skipped: set[tuple[str, str]], block_index: int,
-                   log: Callable[[str], None] = lambda s: None) -> dict[str, QuantizedLayer]:
-  """Quantizes one block's layers; returns ``{block-relative layer path: QuantizedLayer}``."""
+                   log: Callable[[str], None] = lambda s: None,
+                   mesh: jax.sharding.Mesh | None = None) -> dict[str, QuantizedLayer]:
+  """Quantizes one block's layers; returns ``{block-relative layer path: QuantizedLayer}``.
+
+  With a ``mesh``, ``state`` is split over it (:func:`~svdquant_jax.utils.sharding.shard_samples`)
+  and ``params`` replicated on it.
+  """
   policy = block.policy
   fmt = settings.fmt
   grid = settings.smoothing_grid if settings.smooth else None
@@ -109,27 +123,30 @@ def quantize_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, 
     eval_path = None if group.eval_module is None else parse_path(group.eval_module)
     _, rec = block_calib.run_block(adapter, block.kind, params, state, record_inputs=paths,
                                    record_outputs=() if eval_path is None else (eval_path,),
-                                   batch_size=settings.batch_size)
+                                   batch_size=settings.batch_size, mesh=mesh)
+    inputs = rec["inputs"] if mesh is None else sharding.gather_replicated(rec["inputs"], mesh)
     kernels, biases = zip(*(_dense(params, p, block.name) for p in paths))
     # The shifted unsigned input exists in the INT4 activation path only (as in Nunchaku).
     shift = GELU_SHIFT if (group.unsigned and settings.shift_activations and fmt.act == "int4") else 0.0
     shifts = [shift] * len(paths)
     seed = (settings.token_seed * 1_000_003 + block_index * 1009 + g_index) % (2 ** 31)
     if group.shared_input:
-      xs = [_subsample_tokens(rec["inputs"][paths[0]], settings.max_tokens, seed)] * len(paths)
+      xs = [_subsample_tokens(inputs[paths[0]], settings.max_tokens, seed)] * len(paths)
       x_all = xs[0]
     else:
-      xs = [_subsample_tokens(rec["inputs"][p], settings.max_tokens, seed) for p in paths]
+      xs = [_subsample_tokens(inputs[p], settings.max_tokens, seed) for p in paths]
       x_all = jnp.concatenate(xs, axis=0)
     if eval_path is None:
-      loss = block_calib.layer_outputs_loss(xs, kernels, biases, fmt, shifts)
+      loss = block_calib.layer_outputs_loss(xs, kernels, biases, fmt, shifts, mesh)
     else:
       loss = block_calib.ModuleOutputLoss(params, state, rec["outputs"][eval_path], adapter, block.kind, paths,
-                                          eval_path, fmt, tuple(shifts), settings.batch_size)
+                                          eval_path, fmt, tuple(shifts), settings.batch_size, mesh)
     gptq_inputs = None if (group.shared_input or not settings.gptq) else xs
     weights, info = quantize_linear_group(list(kernels), list(biases), x_all, settings, shifts=shifts, loss_fn=loss,
                                           name=f"{block.name}/{group.name}", gptq_inputs=gptq_inputs,
                                           return_info=True)
+    if mesh is not None and mesh.is_multi_process:  # whole on every process: saved and logged there
+      weights, info = jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh))((weights, info))
     for layer, w in zip(layers, weights):
       result[layer] = QuantizedLayer(w, fmt, shift)
     log(_group_log(block.name, group.name, info, grid))
@@ -150,21 +167,28 @@ def _group_log(block: str, group: str, info: Any, grid: Any) -> str:
     parts.append(f"smooth (a={a:.2f}, b={b:.2f}) loss {float(info.smooth_losses[idx]):.4g}")
   for i, (losses, best) in enumerate(zip(info.lowrank_losses, info.lowrank_best)):
     if losses.size:
-      ran = int(np.sum(np.isfinite(np.asarray(losses))))
+      losses = np.asarray(losses)
+      ran = int(np.sum(np.isfinite(losses)))
       parts.append(f"branch[{i}] best iter {int(best) + 1}/{ran} loss {float(losses[int(best)]):.4g}")
   return " ".join(parts)
 
 
 def replay_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, Any], state: State,
-                 layers: Mapping[str, QuantizedLayer], settings: PTQSettings) -> State:
-  """The next block's inputs (full precision, or with this block's quantized layers)."""
+                 layers: Mapping[str, QuantizedLayer], settings: PTQSettings,
+                 mesh: jax.sharding.Mesh | None = None) -> State:
+  """The next block's inputs (full precision, or with this block's quantized layers); with a
+  ``mesh`` the state stays split over it."""
   if settings.replay == "fp":
-    new_state, _ = block_calib.run_block(adapter, block.kind, params, state, batch_size=settings.batch_size)
+    new_state, _ = block_calib.run_block(adapter, block.kind, params, state, batch_size=settings.batch_size,
+                                         mesh=mesh)
     return new_state
   names = sorted(layers)
   spec = tuple((parse_path(n), layers[n].fmt, layers[n].shift) for n in names)
-  new_state, _ = block_calib.run_block(adapter, block.kind, params, state, [layers[n].weights for n in names],
-                                       spec=spec, batch_size=settings.batch_size)
+  weights = [layers[n].weights for n in names]
+  if mesh is not None and mesh.size > 1:
+    weights = sharding.replicate(weights, mesh)
+  new_state, _ = block_calib.run_block(adapter, block.kind, params, state, weights, spec=spec,
+                                       batch_size=settings.batch_size, mesh=mesh)
   return new_state
 
 
@@ -199,13 +223,15 @@ class ProgressStore:
 
   Layout: ``progress.json`` (the run's identity and the finished blocks, rewritten atomically
   after each block) and ``blocks/<index>-<name>/`` (orbax checkpoint + ``layers.json``).
-  A block counts as done only once ``progress.json`` lists it.
+  A block counts as done only once ``progress.json`` lists it. With several processes every one
+  reads and saves (orbax writes collectively), and process 0 alone deletes and writes the files.
   """
 
   def __init__(self, folder: str, identity: Mapping[str, Any], resume: bool):
     self.folder = folder
     self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
     self.done: list[str] = []
+    self._main = sharding.is_main_process()
     path = os.path.join(folder, PROGRESS_FILE)
     if os.path.exists(path) and resume:
       with open(path) as f:
@@ -216,9 +242,11 @@ class ProgressStore:
         raise ResumeError(f"{folder} holds progress of a different quantization run ({', '.join(diff)} differ); "
                           "pass --config.resume=false to start over or use another output folder")
       self.done = list(saved["done"])
-    elif os.path.exists(folder):
+    elif os.path.exists(folder) and self._main:
       shutil.rmtree(folder)
-    os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
+    if self._main:
+      os.makedirs(os.path.join(folder, "blocks"), exist_ok=True)
+    _sync_processes("progress folder")
     with quiet_info_logs():
       self._checkpointer = ocp.StandardCheckpointer()
 
@@ -241,9 +269,11 @@ class ProgressStore:
 
   def save(self, index: int, name: str, layers: Mapping[str, QuantizedLayer]) -> None:
     folder = self._dir(index, name)
-    if os.path.exists(folder):
-      shutil.rmtree(folder)
-    os.makedirs(folder)
+    if self._main:
+      if os.path.exists(folder):
+        shutil.rmtree(folder)
+      os.makedirs(folder)
+    _sync_processes(f"progress {name}")
     tree: dict[str, Any] = {}
     for layer, q in layers.items():
       node = tree
@@ -254,11 +284,20 @@ class ProgressStore:
     with quiet_info_logs():
       self._checkpointer.save(os.path.join(folder, "arrays"), tree)
       self._checkpointer.wait_until_finished()
-    atomic_write_text(os.path.join(folder, "layers.json"), json.dumps(
-        {layer: {"fmt": _fmt_json(q.fmt), "shift": q.shift} for layer, q in layers.items()}, indent=1))
     self.done.append(name)
-    atomic_write_text(os.path.join(self.folder, PROGRESS_FILE),
-                      json.dumps({"identity": self.identity, "done": self.done}, indent=1))
+    if self._main:
+      atomic_write_text(os.path.join(folder, "layers.json"), json.dumps(
+          {layer: {"fmt": _fmt_json(q.fmt), "shift": q.shift} for layer, q in layers.items()}, indent=1))
+      atomic_write_text(os.path.join(self.folder, PROGRESS_FILE),
+                        json.dumps({"identity": self.identity, "done": self.done}, indent=1))
+    _sync_processes(f"progress {name} saved")
+
+
+def _sync_processes(what: str) -> None:
+  """Waits for every process (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(what)
 
 
 def run_identity(settings: PTQSettings, fingerprint: str, calib_fingerprint: str,
@@ -272,7 +311,8 @@ def run_identity(settings: PTQSettings, fingerprint: str, calib_fingerprint: str
 # ----------------------------------------------------------------------------- the whole model
 def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state: State, settings: PTQSettings, *,
                          progress: ProgressStore | None = None, stop_after: int | None = None,
-                         log: Callable[[str], None] = print) -> dict[str, QuantizedLayer]:
+                         log: Callable[[str], None] = print,
+                         mesh: jax.sharding.Mesh | None = None) -> dict[str, QuantizedLayer]:
   """Quantizes every block; returns ``{"<block>/<layer>": QuantizedLayer}``.
 
   Args:
@@ -284,14 +324,24 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
     stop_after: stop (raising ``KeyboardInterrupt``) after this many newly quantized blocks;
       for testing the resume path.
     log: receives one progress line per block and one line per group.
+    mesh: data parallel over this mesh (:func:`~svdquant_jax.utils.sharding.batch_mesh`, or
+      ``global_batch_mesh`` over several processes): the samples are split over its devices (their
+      count must divide evenly); ``None`` or one device: everything on the default device.
   """
   blocks = adapter.blocks()
   skipped = adapter.resolve_skips(settings.skips)
+  if mesh is not None and mesh.size == 1:
+    mesh = None
+  if mesh is not None:
+    state = sharding.shard_samples(state, mesh)
+    leaf = jax.tree_util.tree_leaves(state)[0]
+    log(f"[ptq] data parallel: {leaf.shape[0]} samples over {mesh.size} devices "
+        f"({leaf.shape[0] // mesh.size} per device, {jax.process_count()} process(es))")
   result: dict[str, QuantizedLayer] = {}
   bar = Progress(len(blocks), "[ptq] block", style="lines", stream=_LogStream(log))
   fresh = 0
   for index, block in enumerate(blocks):
-    block_params = params[block.name]
+    block_params = params[block.name] if mesh is None else sharding.replicate(params[block.name], mesh)
     if progress is not None and block.name in progress.done:
       layers = progress.load(index, block.name)
       bar.skip(1)
@@ -299,7 +349,7 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
     else:
       if stop_after is not None and fresh >= stop_after:
         raise KeyboardInterrupt(f"stopped before {block.name} (stop_after={stop_after})")
-      layers = quantize_block(adapter, block, block_params, state, settings, skipped, index, log)
+      layers = quantize_block(adapter, block, block_params, state, settings, skipped, index, log, mesh)
       if progress is not None:
         progress.save(index, block.name, layers)
       fresh += 1
@@ -307,7 +357,7 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
     for layer, q in layers.items():
       result[f"{block.name}/{layer}"] = q
     if index + 1 < len(blocks):
-      state = replay_block(adapter, block, block_params, state, layers, settings)
+      state = replay_block(adapter, block, block_params, state, layers, settings, mesh)
   return result
 
 

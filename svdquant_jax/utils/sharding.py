@@ -9,6 +9,11 @@ single-device path. With one device every helper is a plain ``device_put``.
 Padding repeats the last row (never zeros), so padded rows are valid inputs for any model (no
 division by a zero norm); callers drop them with ``[:n]``.
 
+PTQ calibration runs data-parallel over the samples instead (:func:`shard_samples`,
+:func:`map_samples`): the sample count must divide evenly over the devices (no padding, so that
+no padded sample can enter a loss sum, an activation maximum or a Hessian), and per-sample
+results are gathered before they are summed, in the order of the single-device path.
+
 Test on a CPU machine with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before
 jax initializes, so in a fresh process).
 """
@@ -30,6 +35,12 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   if not devices:
     raise ValueError("batch_mesh needs at least one device")
   return Mesh(np.asarray(devices, dtype=object), (BATCH_AXIS,))
+
+
+def global_batch_mesh() -> Mesh:
+  """A 1-D ``"batch"`` mesh over every device of every process (after ``jax.distributed.initialize``;
+  with one process the same as :func:`batch_mesh`)."""
+  return batch_mesh(jax.devices())
 
 
 def single_device_mesh() -> Mesh:
@@ -88,8 +99,18 @@ def shard_batch(x: Any, mesh: Mesh, size: int | None = None) -> jax.Array:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Every array leaf of ``tree`` copied onto every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Every array leaf of ``tree`` copied onto every device of the mesh (over several processes:
+  each process passes the same values and fills its own devices)."""
+  if not mesh.is_multi_process:
+    return jax.device_put(tree, replicated(mesh))
+  return _from_host(tree, replicated(mesh))
+
+
+def _from_host(tree: Any, sharding: NamedSharding) -> Any:
+  def place(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree_util.tree_map(place, tree)
 
 
 def map_batches(fn: Callable[..., Any], arrays: Sequence[Any], mesh: Mesh, batch_size: int,
@@ -128,5 +149,83 @@ def map_batches(fn: Callable[..., Any], arrays: Sequence[Any], mesh: Mesh, batch
   return np.concatenate(out)
 
 
-__all__ = ["BATCH_AXIS", "batch_mesh", "batch_sharding", "map_batches", "pad_rows", "padded_size", "replicate",
-           "replicated", "shard_batch", "single_device_mesh"]
+# ----------------------------------------------------------------------------- calibration samples
+def shard_samples(tree: Any, mesh: Mesh, what: str = "calibration state") -> Any:
+  """Every leaf ``[S, ...]`` of ``tree`` split along axis 0 over ``mesh`` (S / devices samples each).
+
+  Args:
+    tree: arrays (device or host) sharing the sample count S on axis 0; with several processes
+      every process passes the same full values (each keeps only its devices' rows).
+    mesh: from :func:`batch_mesh` or :func:`global_batch_mesh`.
+    what: names the tree in errors.
+
+  Raises:
+    ValueError: leaves without a common leading axis, or S not a multiple of the device count
+      (padding is refused: padded samples would enter sums, maxima and Hessians).
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  sizes = sorted({np.shape(x)[0] if np.ndim(x) else -1 for x in leaves})
+  if not leaves or len(sizes) != 1 or sizes[0] < 1:
+    raise ValueError(f"{what}: every array needs the same sample count on axis 0, got shapes "
+                     f"{[np.shape(x) for x in leaves]}")
+  s = sizes[0]
+  if s % mesh.size:
+    raise ValueError(f"{what}: {s} samples do not split evenly over {mesh.size} devices; use a sample count that "
+                     f"is a multiple of {mesh.size} (calib.num_samples) or turn data parallelism off "
+                     "(calib.data_parallel=False)")
+  if not mesh.is_multi_process:
+    return jax.device_put(tree, batch_sharding(mesh))
+  return _from_host(tree, batch_sharding(mesh))
+
+
+def per_device(fn: Callable[..., Any], xs: Any, mesh: Mesh, *, gather: bool = False) -> Any:
+  """``fn(xs)`` with every leaf of ``xs`` split along axis 0 over ``mesh`` and ``fn`` run on each
+  device's rows (``shard_map``; ``fn`` may close over replicated values). Outputs stay split, or
+  with ``gather`` are gathered in row order onto every device. Call inside ``jit``."""
+  spec = PartitionSpec(BATCH_AXIS)
+
+  def local(part):
+    out = fn(part)
+    if gather:
+      out = jax.tree_util.tree_map(lambda a: jax.lax.all_gather(a, BATCH_AXIS, tiled=True), out)
+    return out
+  return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=PartitionSpec() if gather else spec,
+                       check_vma=False)(xs)
+
+
+def map_samples(body: Callable[[Any], Any], xs: Any, mesh: Mesh | None, batch_size: int,
+                *, gather: bool = False) -> Any:
+  """``jax.lax.map(body, xs, batch_size=batch_size)`` over samples ``[S, ...]``, data-parallel on ``mesh``.
+
+  Call inside ``jit``. With a mesh of more than one device every device maps ``body`` over its own
+  S / devices samples in batches of ``batch_size`` (:func:`per_device`: the per-device program is
+  the single-device one); outputs stay split over the mesh, or with ``gather`` are gathered in
+  sample order onto every device, so that a following sum adds the same numbers in the same order
+  as on one device. ``body`` may close over replicated values (parameters, candidate weights).
+  """
+  if mesh is None or mesh.size == 1:
+    return jax.lax.map(body, xs, batch_size=batch_size)
+  return per_device(lambda part: jax.lax.map(body, part, batch_size=batch_size), xs, mesh, gather=gather)
+
+
+def gather_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Every leaf of ``tree`` (split or not) whole on every device of ``mesh``; works across processes."""
+  return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
+def to_host(x: Any) -> np.ndarray:
+  """``x`` as a numpy array on this host, gathering the rows other processes hold when needed."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def is_main_process() -> bool:
+  """True on process 0 (the one that writes files in a multi-process run)."""
+  return jax.process_index() == 0
+
+
+__all__ = ["BATCH_AXIS", "batch_mesh", "batch_sharding", "gather_replicated", "global_batch_mesh", "is_main_process",
+           "map_batches", "map_samples", "per_device", "pad_rows", "padded_size", "replicate", "replicated", "shard_batch", "shard_samples",
+           "single_device_mesh", "to_host"]
