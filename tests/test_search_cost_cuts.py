@@ -173,3 +173,26 @@ def test_cost_model_counts_the_cuts_from_the_shapes():
   assert cm.estimate_mixed_seconds(flops, "bfloat16", 1e9, 1e10) == pytest.approx(
       (flops["total"] - loss) / 1e9 + loss / 1e10)
   assert cm.estimate_mixed_seconds(flops, "float32", 1e9, 1e10) == pytest.approx(flops["total"] / 1e9)
+
+
+def test_block_level_losses_take_the_options():
+  """The PTQ flow's own losses (quant/block_calib.py) run at the loss dtype and on token subsets."""
+  from svdquant_jax.quant import block_calib
+  rng = np.random.default_rng(7)
+  fmt = FORMATS["int4"]
+  xs = [jnp.asarray(rng.standard_normal((t, 128)), jnp.float32) for t in (96, 40)]   # different inputs per layer
+  kernels = [jnp.asarray(rng.standard_normal((128, 64)) / 11, jnp.float32) for _ in xs]
+  loss = block_calib.layer_outputs_loss(xs, kernels, [None, None], fmt, [0.0, 0.0])
+  lam = jnp.ones((128,), jnp.float32)
+  cands = [smooth.one_shot_candidate(w, lam, jnp.zeros((64,), jnp.float32), 8) for w in kernels]
+  full = float(loss(cands))
+  want = sum(float(jnp.sum(jnp.square(fake_forward(x, c, fmt) - x @ w))) for x, w, c in zip(xs, kernels, cands))
+  assert abs(full - want) <= 1e-5 * want
+  low = float(smooth.with_loss_dtype(loss, "bfloat16")(cands))
+  assert low != full and abs(low - full) <= 0.02 * full
+  assert loss.num_tokens == 96
+  sub = loss.take_tokens(32, seed=3)
+  assert [x.shape[0] for x in sub.xs] == [32, 32]
+  rows = smooth.seeded_rows(40, 32, 3)
+  np.testing.assert_array_equal(np.asarray(sub.xs[1]), np.asarray(xs[1])[np.asarray(rows)])
+  assert loss.take_tokens(96, seed=3) is loss

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from svdquant_jax.quant.adapters import ModelAdapter, State
 from svdquant_jax.formats.quantizers import QuantFormat
+from svdquant_jax.quant.smooth import loss_forward, seeded_rows
 from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, fake_forward
 from svdquant_jax.quant.taps import Path, apply_with_taps
 from svdquant_jax.utils import sharding
@@ -37,18 +38,21 @@ Array = jax.Array
 ReplaceSpec = tuple[tuple[Path, QuantFormat, float], ...]
 
 
-def _replacements(spec: ReplaceSpec, weights: Sequence[SVDQuantWeights]) -> dict:
-  return {path: functools.partial(fake_forward, w=w, fmt=fmt, shift=shift)
+def _replacements(spec: ReplaceSpec, weights: Sequence[SVDQuantWeights], loss_dtype: str = "float32") -> dict:
+  if loss_dtype == "float32":
+    return {path: functools.partial(fake_forward, w=w, fmt=fmt, shift=shift)
+            for (path, fmt, shift), w in zip(spec, weights)}
+  return {path: functools.partial(loss_forward, w=w, fmt=fmt, shift=shift, loss_dtype=loss_dtype)
           for (path, fmt, shift), w in zip(spec, weights)}
 
 
 def _apply_one(adapter: ModelAdapter, kind: str, params: Any, sample: State, spec: ReplaceSpec,
                weights: Sequence[SVDQuantWeights], record_inputs: tuple[Path, ...],
-               record_outputs: tuple[Path, ...]) -> tuple[State, dict]:
+               record_outputs: tuple[Path, ...], loss_dtype: str = "float32") -> tuple[State, dict]:
   """Runs the block on one sample (no batch axis); returns the new state and recordings."""
   batched = {k: v[None] for k, v in sample.items()}
   out, rec = apply_with_taps(adapter.block_module(kind), {"params": params}, *adapter.block_args(batched),
-                             replace=_replacements(spec, weights), record_inputs=record_inputs,
+                             replace=_replacements(spec, weights, loss_dtype), record_inputs=record_inputs,
                              record_outputs=record_outputs)
   new_state = adapter.update_state(batched, out)
   unbatch = functools.partial(jax.tree_util.tree_map, lambda a: a[0])
@@ -108,6 +112,7 @@ class ModuleOutputLoss:
   shifts: tuple[float, ...]
   batch_size: int
   mesh: jax.sharding.Mesh | None = None
+  loss_dtype: str = "float32"
 
   def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
     used = [(p, s, c) for p, s, c in zip(self.layer_paths, self.shifts, candidates) if c is not None]
@@ -116,16 +121,39 @@ class ModuleOutputLoss:
 
     def body(xs):
       sample, ref = xs
-      _, rec = _apply_one(self.adapter, self.kind, self.params, sample, spec, weights, (), (self.eval_path,))
+      _, rec = _apply_one(self.adapter, self.kind, self.params, sample, spec, weights, (), (self.eval_path,),
+                          self.loss_dtype)
       return _squared_error(rec["outputs"][self.eval_path], ref)
 
     per_sample = sharding.map_samples(body, (self.state, self.reference), self.mesh, self.batch_size, gather=True)
     return _ordered_sum(per_sample)
 
+  @property
+  def _samples(self) -> int:
+    return int(jax.tree_util.tree_leaves(self.reference)[0].shape[0])
+
+  @property
+  def num_tokens(self) -> int:
+    """Samples x tokens per sample (of the first output leaf ``[S, T, ...]``)."""
+    leaf = jax.tree_util.tree_leaves(self.reference)[0]
+    return self._samples * (int(leaf.shape[1]) if leaf.ndim > 2 else 1)
+
+  def take_tokens(self, count: int, seed: int) -> "ModuleOutputLoss":
+    """The loss on whole samples holding at least ``count`` tokens, the prefix of a seeded
+    permutation of the samples (successive halving, ``smooth.search_smoothing``). Split over a
+    mesh the samples stay as they are (the subset would not divide evenly)."""
+    per_sample = self.num_tokens // self._samples
+    n = min(self._samples, -(-count // per_sample))
+    if n >= self._samples or self.mesh is not None:
+      return self
+    rows = seeded_rows(self._samples, n, seed)
+    take = functools.partial(jax.tree_util.tree_map, lambda a: a[rows])
+    return dataclasses.replace(self, state=take(self.state), reference=take(self.reference))
+
 
 jax.tree_util.register_dataclass(
     ModuleOutputLoss, data_fields=["params", "state", "reference"],
-    meta_fields=["adapter", "kind", "layer_paths", "eval_path", "fmt", "shifts", "batch_size", "mesh"])
+    meta_fields=["adapter", "kind", "layer_paths", "eval_path", "fmt", "shifts", "batch_size", "mesh", "loss_dtype"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,13 +168,14 @@ class LayerOutputsLoss:
   fmt: QuantFormat
   shifts: tuple[float, ...]
   mesh: jax.sharding.Mesh | None = None
+  loss_dtype: str = "float32"
 
   def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
     total = jnp.zeros((), jnp.float32)
     for x, target, shift, cand in zip(self.xs, self.targets, self.shifts, candidates):
       if cand is not None:
         def rows(xt, cand=cand, shift=shift):
-          return jnp.sum(jnp.square(fake_forward(xt[0], cand, self.fmt, shift) - xt[1]), axis=-1)
+          return jnp.sum(jnp.square(loss_forward(xt[0], cand, self.fmt, shift, self.loss_dtype) - xt[1]), axis=-1)
         if self.mesh is None:
           per_row = rows((x, target))
         else:
@@ -154,9 +183,22 @@ class LayerOutputsLoss:
         total = total + _ordered_sum(per_row)
     return total
 
+  @property
+  def num_tokens(self) -> int:
+    return max(int(x.shape[0]) for x in self.xs)
+
+  def take_tokens(self, count: int, seed: int) -> "LayerOutputsLoss":
+    """The same loss on at most ``count`` rows of each layer's input (a seeded permutation's
+    prefix; successive halving). Split over a mesh the rows stay as they are."""
+    if count >= self.num_tokens or self.mesh is not None:
+      return self
+    picks = [seeded_rows(int(x.shape[0]), min(count, int(x.shape[0])), seed) for x in self.xs]
+    return dataclasses.replace(self, xs=tuple(x[r] for x, r in zip(self.xs, picks)),
+                               targets=tuple(t[r] for t, r in zip(self.targets, picks)))
+
 
 jax.tree_util.register_dataclass(LayerOutputsLoss, data_fields=["xs", "targets"],
-                                 meta_fields=["fmt", "shifts", "mesh"])
+                                 meta_fields=["fmt", "shifts", "mesh", "loss_dtype"])
 
 
 @jax.jit
