@@ -344,19 +344,14 @@ def _torch_state(path):
           for k in f.keys()}
 
 
-def test_lora_merged_export_byte_identical_to_deepcompressor(tmp_path, capsys):
+def dc_lowrank_dicts(base_file: str, state: dict) -> dict:
+  """deepcompressor's per-block LoRA conversion of a diffusers LoRA (``state``) onto the exported
+  ``base_file`` (block 0 of each kind): the layers' whole branches, base + LoRA, packed, as torch
+  tensors by Nunchaku key (what a Nunchaku-format LoRA file holds). 16-bit layers are left out."""
   from deepcompressor.backend.nunchaku import convert_lora as dc_lora
-  from svdquant_jax.models.flux_lora import load_flux_lora
-
-  config = SMALL_CONFIG
-  qparams, specs, _ = random_quantized_flux(config, "int4", rank=32, seed=5)
-  base, merged = str(tmp_path / "base.safetensors"), str(tmp_path / "merged.safetensors")
-  nunchaku.export_flux(qparams, specs, config, base, progress=False)
-  state = random_diffusers_lora(config)
-  lora = load_flux_lora(dict(state), config)
-  nunchaku.export_flux(qparams, specs, config, merged, loras=[(lora, 1.0)], progress=False)
-  orig = _torch_state(base)
-  extra = {k[len("transformer."):]: torch.from_numpy(v).to(torch.bfloat16) for k, v in state.items()}
+  orig = _torch_state(base_file)
+  extra = {k[len("transformer."):]: torch.from_numpy(v).to(torch.bfloat16) for k, v in state.items()
+           if k.startswith(("transformer.transformer_blocks.", "transformer.single_transformer_blocks."))}
   n1 = orig["single_transformer_blocks.0.out_proj.qweight"].shape[1] * 2
   a, b = extra.pop("single_transformer_blocks.0.proj_out.lora_A.weight"), extra.pop(
       "single_transformer_blocks.0.proj_out.lora_B.weight")
@@ -372,6 +367,20 @@ def test_lora_merged_export_byte_identical_to_deepcompressor(tmp_path, capsys):
                           "adanorm_zero" if layer.chunks == 6 else "adanorm_single") for layer in layers}
     got = dc_lora.convert_to_nunchaku_transformer_block_lowrank_dict(orig, extra, block, block, names, kinds)
     theirs.update({f"{block}.{k}": v for k, v in got.items()})
+  return theirs
+
+
+def test_lora_merged_export_byte_identical_to_deepcompressor(tmp_path, capsys):
+  from svdquant_jax.models.flux_lora import load_flux_lora
+
+  config = SMALL_CONFIG
+  qparams, specs, _ = random_quantized_flux(config, "int4", rank=32, seed=5)
+  base, merged = str(tmp_path / "base.safetensors"), str(tmp_path / "merged.safetensors")
+  nunchaku.export_flux(qparams, specs, config, base, progress=False)
+  state = random_diffusers_lora(config)
+  lora = load_flux_lora(dict(state), config)
+  nunchaku.export_flux(qparams, specs, config, merged, loras=[(lora, 1.0)], progress=False)
+  theirs = dc_lowrank_dicts(base, state)
   capsys.readouterr()
   ours = SafetensorsFile(merged)
   assert len(theirs) == 2 * (len(flux_layout.DOUBLE_LAYERS) + len(flux_layout.SINGLE_LAYERS))

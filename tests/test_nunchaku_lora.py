@@ -16,10 +16,9 @@ import torch
 
 from svdquant_jax.models.flux_lora import LoraError, load_flux_lora
 from svdquant_jax.quant import nunchaku
-from svdquant_jax.quant.nunchaku import flux_layout
 from svdquant_jax.utils.safetensors_io import save_safetensors
 
-from test_nunchaku import SMALL_CONFIG, _DC_SINGLE, _torch_state, random_diffusers_lora, random_quantized_flux
+from test_nunchaku import SMALL_CONFIG, dc_lowrank_dicts, random_diffusers_lora, random_quantized_flux
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -28,28 +27,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
   return t.numpy()
 
 
-def _nunchaku_lora(base_file: str, state: dict, config) -> dict[str, np.ndarray]:
-  """deepcompressor's per-block LoRA conversion: the layers' whole branches (base + LoRA), packed."""
-  from deepcompressor.backend.nunchaku import convert_lora as dc_lora
-  orig = _torch_state(base_file)
-  extra = {k[len("transformer."):]: torch.from_numpy(v).to(torch.bfloat16) for k, v in state.items()
-           if not k.startswith("transformer.x_embedder")}
-  n1 = orig["single_transformer_blocks.0.out_proj.qweight"].shape[1] * 2
-  a = extra.pop("single_transformer_blocks.0.proj_out.lora_A.weight")
-  b = extra.pop("single_transformer_blocks.0.proj_out.lora_B.weight")
-  extra.update({"single_transformer_blocks.0.proj_out.linears.0.lora_A.weight": a[:, :n1].clone(),
-                "single_transformer_blocks.0.proj_out.linears.0.lora_B.weight": b.clone(),
-                "single_transformer_blocks.0.proj_out.linears.1.lora_A.weight": a[:, n1:].clone(),
-                "single_transformer_blocks.0.proj_out.linears.1.lora_B.weight": b.clone()})
-  out = {}
-  for block, layers, members in (("transformer_blocks.0", flux_layout.DOUBLE_LAYERS, {}),
-                                 ("single_transformer_blocks.0", flux_layout.SINGLE_LAYERS, _DC_SINGLE)):
-    names = {layer.name: list(members.get(layer.name, layer.diffusers)) for layer in layers}
-    kinds = {layer.name: ("linear" if layer.kind == "w4a4" else
-                          "adanorm_zero" if layer.chunks == 6 else "adanorm_single") for layer in layers}
-    got = dc_lora.convert_to_nunchaku_transformer_block_lowrank_dict(orig, extra, block, block, names, kinds)
-    out.update({f"{block}.{k}": _numpy(v) for k, v in got.items()})
-  return out
+def _nunchaku_lora(base_file: str, state: dict) -> dict[str, np.ndarray]:
+  """The Nunchaku-format LoRA deepcompressor's converter makes (numpy, stored dtypes)."""
+  return {k: _numpy(v) for k, v in dc_lowrank_dicts(base_file, state).items()}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +39,7 @@ def made(tmp_path_factory):
   base = str(tmp_path_factory.mktemp("nunchaku_lora") / "base.safetensors")
   nunchaku.export_flux(qparams, specs, config, base, progress=False)
   state = random_diffusers_lora(config)
-  return config, qparams, state, _nunchaku_lora(base, state, config), base
+  return config, qparams, state, _nunchaku_lora(base, state), base
 
 
 def test_on_its_own_checkpoint_it_is_the_diffusers_lora(made, tmp_path, capsys):
