@@ -1,6 +1,8 @@
-"""The randomized Hadamard rotation (svdquant_jax/quant/rotation.py): orthogonality, exactness of the
-rotated float layer, determinism, its effect on W4A4 RTN of an outlier layer, and bad widths."""
+"""The randomized Hadamard rotation (svdquant_jax/formats/rotation.py, re-exported with the PTQ side by
+svdquant_jax/quant/rotation.py): orthogonality, exactness of the rotated float layer, determinism, its
+effect on W4A4 RTN of an outlier layer, bad widths, the online form and the per-group seeds."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 import scipy.linalg
@@ -97,3 +99,24 @@ def test_online_flops():
   assert rotation.online_flops(12288, 4096)["fwht"] == 12288 * 12
   with pytest.raises(qz.QuantizationError, match="block 96"):
     rotation.online_flops(3072, 96)
+
+
+def test_online_rotation_and_group_seeds():
+  from svdquant_jax.formats import rotation as fr
+  assert rotation.make_rotation is fr.make_rotation and rotation.HadamardRotation is fr.HadamardRotation
+  x = np.random.default_rng(2).standard_normal((3, 256)).astype(np.float32)
+  rot = rotation.make_rotation(256, seed=9)
+  bf = np.asarray(x, dtype=ml_dtypes.bfloat16)
+  got = rotation.rotate_online(bf, rot.block, rot.seed)
+  assert got.dtype == bf.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(np.asarray(rotation.rotate_inputs(bf, rot)).astype(bf.dtype), np.float32))
+  assert rotation.rotate_online(bf, 0, 9) is bf
+  # The per-group seed is a stable hash (saved runs resume with it): pinned values.
+  assert rotation.group_seed(0, "transformer_blocks_0/qkv") == rotation.group_seed(0, "transformer_blocks_0/qkv")
+  assert rotation.group_seed(0, "a") == 2059793309
+  assert len({rotation.group_seed(s, n) for s in (0, 1) for n in ("a", "b")}) == 4
+  r = rotation.RotationSettings(enabled=True, seed=1, block=32).rotation(96, "g")
+  assert (r.k, r.block, r.seed) == (96, 32, rotation.group_seed(1, "g"))
+  with pytest.raises(ValueError, match="quant.rotation: seed and block must be >= 0"):
+    rotation.RotationSettings(block=-1)

@@ -40,7 +40,10 @@ field          shape / dtype                    meaning
 =============  ===============================  ============================================
 
 Static (pytree metadata) fields: ``fmt`` (``"int4"``, ``"nvfp4"``, ``"int8"``),
-``group_size`` (64, 16, K) and ``shift`` (δ; 0.171875 for the unsigned fc2 input, INT4 only).
+``group_size`` (64, 16, K), ``shift`` (δ; 0.171875 for the unsigned fc2 input, INT4 only) and the
+input rotation ``rotation_block``/``rotation_seed`` (0/0: none; else every field above lives in
+the rotated input space and the layer reads ``x Q``, ``Q`` the seeded block Hadamard of
+``formats/rotation.py``, applied online before the fused op: :meth:`QuantizedLinear.rotate_input`).
 ``act_unsigned`` (δ > 0) and ``rank`` (r) are derived properties.
 """
 
@@ -56,6 +59,7 @@ import numpy as np
 
 from svdquant_jax.formats import PACKED_FORMATS, packed_group_size
 from svdquant_jax.formats import quantizers as q
+from svdquant_jax.formats.rotation import rotate_online
 
 Array = jax.Array
 
@@ -169,6 +173,8 @@ class QuantizedLinear:
   fmt: str = "int4"
   group_size: int = 64
   shift: float = 0.0
+  rotation_block: int = 0
+  rotation_seed: int = 0
 
   @property
   def in_features(self) -> int:
@@ -263,6 +269,15 @@ class QuantizedLinear:
     if self.shift > 0 and fmt != "int4":
       raise QuantizedLinearError(f"QuantizedLinear.shift={self.shift}: the shifted unsigned activation path exists "
                                  f"for int4 only, not {fmt!r}")
+    b = self.rotation_block
+    if not isinstance(b, int) or b < 0 or (b and (b & (b - 1) or k % b)):
+      raise QuantizedLinearError(f"QuantizedLinear.rotation_block={b!r} must be 0 (no rotation) or a power of two "
+                                 f"dividing K={k}")
+    if b and self.shift:
+      raise QuantizedLinearError(f"QuantizedLinear: a rotated input is signed; shift={self.shift} (unsigned "
+                                 "activations) cannot be combined with rotation_block")
+    if not isinstance(self.rotation_seed, int) or self.rotation_seed < 0:
+      raise QuantizedLinearError(f"QuantizedLinear.rotation_seed must be an int >= 0, got {self.rotation_seed!r}")
 
   # ---------------------------------------------------------------- views used by references and tests
   def weight_codes(self) -> Array:
@@ -278,11 +293,25 @@ class QuantizedLinear:
   def replace(self, **changes: Any) -> QuantizedLinear:
     return dataclasses.replace(self, **changes)
 
+  @property
+  def rotated(self) -> bool:
+    """The layer reads the rotated input ``x Q`` (``rotation_block > 0``)."""
+    return self.rotation_block > 0
+
+  def rotate_input(self, x: Array) -> Array:
+    """``x [..., K]`` as this layer reads it: ``x Q`` computed in float32 and cast back to
+    ``x.dtype`` when rotated, else ``x``."""
+    return rotate_online(x, self.rotation_block, self.rotation_seed)
+
+  def unrotated(self) -> QuantizedLinear:
+    """The same arrays without the rotation: what the fused op runs on an already rotated input."""
+    return self.replace(rotation_block=0, rotation_seed=0)
+
 
 jax.tree_util.register_dataclass(
     QuantizedLinear,
     data_fields=["qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "wtscale", "wcscales"],
-    meta_fields=["fmt", "group_size", "shift"])
+    meta_fields=["fmt", "group_size", "shift", "rotation_block", "rotation_seed"])
 
 
 @jax.jit
@@ -507,6 +536,10 @@ def check_inputs(x: Any, params: Any) -> None:
   if not isinstance(params, QuantizedLinear):
     raise QuantizedLinearError(f"svdquant_linear: params must be a QuantizedLinear, got {type(params).__name__}")
   params.validate()
+  if params.rotated:
+    raise QuantizedLinearError(
+        f"svdquant_linear: the layer reads a rotated input (rotation_block={params.rotation_block}), which the fused "
+        "ops do not apply; call op(params.rotate_input(x), params.unrotated()) (SVDQuantDense does)")
   shape = getattr(x, "shape", None)
   if shape is None or len(shape) < 1:
     raise QuantizedLinearError(f"svdquant_linear: x must be an array [..., K], got {type(x).__name__} {shape}")

@@ -20,9 +20,12 @@ name           shape / dtype                            meaning (``pallas/packin
 =============  =======================================  =====================================
 
 The layer computes ``Qa((x + δ)/λ)·Qw(R)·wtscale·wcscales + (x·lora_down)·lora_up + bias``
-(``docs/design.md``). Whether ``wcscales`` exists is the static attribute ``channel_scales``
-(``QuantSpec.channel_scales`` when swapped in), so that the parameter shapes are known before
-the values.
+(``docs/design.md``). A rotated layer (static ``rotation_block > 0``, from PTQ with
+``quant.rotation``) first replaces ``x`` by ``x Q`` (seeded block Hadamard, fast transform in
+float32, cast back to the computation dtype; ``formats/rotation.py``); the fused kernels then run
+unchanged on the rotated input (the rotation is not fused into them yet). Whether ``wcscales``
+exists is the static attribute ``channel_scales`` (``QuantSpec.channel_scales`` when swapped in),
+so that the parameter shapes are known before the values.
 
 A freshly initialized layer holds zero codes, unit scales and smoothing, zero low-rank
 factors and bias (it computes zeros); real values come from :meth:`SVDQuantDense.from_float`,
@@ -40,6 +43,7 @@ from flax import nnx
 
 from svdquant_jax.formats import PACKED_FORMATS, packed_group_size, packing
 from svdquant_jax.formats.packing import QuantizedLinear
+from svdquant_jax.formats.rotation import HadamardRotation, rotate_inputs
 from svdquant_jax.pallas.registry import svdquant_linear
 from svdquant_jax.utils import trees
 from svdquant_jax.utils.safetensors_io import CheckpointError
@@ -121,6 +125,11 @@ def _compute_dtype(x: Array, dtype: Any, param_dtype: Any) -> Any:
   return jnp.dtype(dtype) if dtype is not None else jnp.result_type(x.dtype, param_dtype)
 
 
+def _rotated(x: Array, block: int, seed: int) -> Array:
+  """``x Q`` in float32 (from the input's own precision) when the layer is rotated, else ``x``."""
+  return rotate_inputs(x, HadamardRotation(int(x.shape[-1]), block, seed)) if block else x
+
+
 class SVDQuantDense(nn.Module):
   """SVDQuant W4A4 (or NVFP4 / W8A8) linear layer, a drop-in for ``nn.Dense``.
 
@@ -137,6 +146,7 @@ class SVDQuantDense(nn.Module):
       fused layer whose members had different per-tensor scales).
     backend: ``svdquant_linear`` backend (``None``: best available).
     interpret: run Pallas backends in interpret mode (CPU tests).
+    rotation_block, rotation_seed: the online input rotation (block 0: none).
     wrapped: set by :func:`svdquant_jax.nn.swap_dense`: the ``nn.Dense`` this layer replaces;
       the two share a scope so that the parameters live at the Dense's path.
   """
@@ -150,6 +160,8 @@ class SVDQuantDense(nn.Module):
   channel_scales: bool = False
   backend: str | None = None
   interpret: bool = False
+  rotation_block: int = 0
+  rotation_seed: int = 0
   wrapped: nn.Module | None = None
 
   def __post_init__(self):
@@ -165,7 +177,7 @@ class SVDQuantDense(nn.Module):
     values = {name: self.param(name, lambda _, s=s, name=name: _init_value(name, s.shape, s.dtype))
               for name, s in shapes.items()}
     ql = quantized_linear(values, fmt=self.fmt, shift=self.shift)
-    x = x.astype(_compute_dtype(x, self.dtype, self.param_dtype))
+    x = _rotated(x, self.rotation_block, self.rotation_seed).astype(_compute_dtype(x, self.dtype, self.param_dtype))
     return svdquant_linear(x, ql, backend=self.backend, interpret=self.interpret)
 
   # ---------------------------------------------------------------- constructors
@@ -176,7 +188,8 @@ class SVDQuantDense(nn.Module):
     ql.validate()
     module = cls(features=ql.out_features, use_bias=ql.bias is not None if use_bias is None else use_bias,
                  dtype=dtype, param_dtype=ql.dtype, rank=ql.rank, fmt=ql.fmt, shift=ql.shift,
-                 channel_scales=ql.wcscales is not None, backend=backend, interpret=interpret)
+                 channel_scales=ql.wcscales is not None, backend=backend, interpret=interpret,
+                 rotation_block=ql.rotation_block, rotation_seed=ql.rotation_seed)
     params = layer_params(ql)
     module.check_params(params, ql.in_features)
     return module, {"params": params}
@@ -222,18 +235,22 @@ class SVDQuantDenseNNX(nnx.Module):
 
   Args:
     in_features, out_features: K and N.
-    rank, fmt, shift, channel_scales, use_bias, dtype, param_dtype, backend, interpret: as in
-      :class:`SVDQuantDense`.
+    rank, fmt, shift, channel_scales, use_bias, dtype, param_dtype, backend, interpret,
+      rotation_block, rotation_seed: as in :class:`SVDQuantDense`.
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int = 32, fmt: str = "int4",
                shift: float = 0.0, use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
-               backend: str | None = None, interpret: bool = False, channel_scales: bool = False):
+               backend: str | None = None, interpret: bool = False, channel_scales: bool = False,
+               rotation_block: int = 0, rotation_seed: int = 0):
     shapes = param_shapes(in_features, out_features, rank=rank, fmt=fmt, shift=shift, use_bias=use_bias,
                           param_dtype=param_dtype, channel_scales=channel_scales)
     self.in_features, self.out_features = in_features, out_features
     self.fmt, self.shift, self.dtype, self.param_dtype = fmt, float(shift), dtype, param_dtype
     self.backend, self.interpret = backend, interpret
+    self.rotation_block, self.rotation_seed = int(rotation_block), int(rotation_seed)
+    if self.rotation_block:
+      HadamardRotation(in_features, self.rotation_block, self.rotation_seed)  # validates the block
     for name in PARAM_NAMES:
       s = shapes.get(name)
       setattr(self, name, None if s is None else nnx.Param(_init_value(name, s.shape, s.dtype)))
@@ -244,7 +261,8 @@ class SVDQuantDenseNNX(nnx.Module):
     ql.validate()
     layer = cls(ql.in_features, ql.out_features, rank=ql.rank, fmt=ql.fmt, shift=ql.shift,
                 use_bias=ql.bias is not None, dtype=dtype, param_dtype=ql.dtype, backend=backend,
-                interpret=interpret, channel_scales=ql.wcscales is not None)
+                interpret=interpret, channel_scales=ql.wcscales is not None, rotation_block=ql.rotation_block,
+                rotation_seed=ql.rotation_seed)
     for name, value in layer_params(ql).items():
       setattr(layer, name, nnx.Param(value))
     return layer
@@ -257,11 +275,12 @@ class SVDQuantDenseNNX(nnx.Module):
     return cls.from_quantized(ql, dtype=dtype, backend=backend, interpret=interpret)
 
   def quantized(self) -> QuantizedLinear:
-    """The layer's current parameters as a :class:`QuantizedLinear`."""
+    """The layer's current parameters as a :class:`QuantizedLinear` (with its rotation)."""
     values = {name: getattr(self, name)[...] for name in PARAM_NAMES if getattr(self, name) is not None}
-    return quantized_linear(values, fmt=self.fmt, shift=self.shift)
+    return quantized_linear(values, fmt=self.fmt, shift=self.shift).replace(
+        rotation_block=self.rotation_block, rotation_seed=self.rotation_seed)
 
   def __call__(self, x: Array) -> Array:
     """``x [..., K] -> y [..., N]`` in the computation dtype."""
-    x = x.astype(_compute_dtype(x, self.dtype, self.param_dtype))
-    return svdquant_linear(x, self.quantized(), backend=self.backend, interpret=self.interpret)
+    x = _rotated(x, self.rotation_block, self.rotation_seed).astype(_compute_dtype(x, self.dtype, self.param_dtype))
+    return svdquant_linear(x, self.quantized().unrotated(), backend=self.backend, interpret=self.interpret)

@@ -32,18 +32,22 @@ from svdquant_jax.utils.safetensors_io import CheckpointError
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
   """Static quantization settings of one swapped layer (see :class:`SVDQuantDense`;
-  ``channel_scales``: the nvfp4 layer has per-channel weight scales ``wcscales``)."""
+  ``channel_scales``: the nvfp4 layer has per-channel weight scales ``wcscales``;
+  ``rotation_block``/``rotation_seed``: the online input rotation, block 0: none)."""
   rank: int = 32
   fmt: str = "int4"
   shift: float = 0.0
   backend: str | None = None
   interpret: bool = False
   channel_scales: bool = False
+  rotation_block: int = 0
+  rotation_seed: int = 0
 
   @classmethod
   def of(cls, ql: QuantizedLinear, **kwargs: Any) -> QuantSpec:
     """The spec matching a packed layer."""
-    return cls(rank=ql.rank, fmt=ql.fmt, shift=ql.shift, channel_scales=ql.wcscales is not None, **kwargs)
+    return cls(rank=ql.rank, fmt=ql.fmt, shift=ql.shift, channel_scales=ql.wcscales is not None,
+               rotation_block=ql.rotation_block, rotation_seed=ql.rotation_seed, **kwargs)
 
 
 Spec = Union[QuantSpec, WeightOnlySpec]
@@ -89,7 +93,8 @@ def swap_dense(selector: Selector, *, check_paths: bool = True) -> Iterator[set[
         replacement = SVDQuantDense(
             features=module.features, use_bias=module.use_bias, dtype=module.dtype, param_dtype=module.param_dtype,
             rank=spec.rank, fmt=spec.fmt, shift=spec.shift, channel_scales=spec.channel_scales,
-            backend=spec.backend, interpret=spec.interpret, wrapped=module)
+            backend=spec.backend, interpret=spec.interpret, rotation_block=spec.rotation_block,
+            rotation_seed=spec.rotation_seed, wrapped=module)
       elif isinstance(spec, WeightOnlySpec):
         replacement = WeightOnlyDense(features=module.features, use_bias=module.use_bias, dtype=module.dtype,
                                       param_dtype=module.param_dtype, spec=spec, wrapped=module)

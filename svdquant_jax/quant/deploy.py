@@ -44,6 +44,9 @@ def _check_members(members: Sequence[SVDQuantWeights]) -> None:
     if not np.array_equal(np.asarray(w.smooth), np.asarray(first.smooth)):
       raise QuantizationError(f"to_quantized_linear: member {i} has another smoothing λ than member 0; fused members "
                               "read one input through one λ (calibrate them as one group)")
+    if w.rotation != first.rotation:
+      raise QuantizationError(f"to_quantized_linear: member {i} has input rotation {w.rotation}, member 0 has "
+                              f"{first.rotation}; fused members read one (rotated) input")
     if not np.array_equal(np.asarray(w.lora_a), np.asarray(first.lora_a)):
       raise QuantizationError(f"to_quantized_linear: member {i} has another branch down factor A than member 0; "
                               "fuse only layers calibrated with shared_branch=True")
@@ -73,7 +76,8 @@ def to_quantized_linear(weights: SVDQuantWeights | Sequence[SVDQuantWeights], fm
 
   Returns:
     A validated :class:`~svdquant_jax.formats.packing.QuantizedLinear` whose bias is
-    ``b - Σ_k (δ/λ_k) Qw(R)[k, :]``; fused NVFP4 members carry ``wcscales``.
+    ``b - Σ_k (δ/λ_k) Qw(R)[k, :]``; fused NVFP4 members carry ``wcscales``; a rotated layer
+    (``weights.rotation``) carries ``rotation_block``/``rotation_seed``.
 
   Raises:
     QuantizationError: a weight-only format (use :func:`svdquant_jax.nn.weight_only_params`), a
@@ -109,10 +113,14 @@ def to_quantized_linear(weights: SVDQuantWeights | Sequence[SVDQuantWeights], fm
       tensor_scale = jnp.ones((), jnp.float32)
       channel_scales = jnp.concatenate([jnp.full((w.out_features,), rq.tensor_scale, jnp.float32)
                                         for w, rq in zip(members, rqs)])
-  return packing.from_components(
+  ql = packing.from_components(
       first.smooth, first.lora_a, lora_b, bias, codes=codes, scales=scales, tensor_scale=tensor_scale,
       channel_scales=channel_scales, fmt=fmt_name, shift=act_shift(fmt, shift),
       group_size=fmt.group_size if fmt_name == "int4" else None, dtype=dtype)
+  if first.rotation is not None:  # the pieces live in the rotated space; the layer rotates x online
+    ql = ql.replace(rotation_block=first.rotation.block, rotation_seed=first.rotation.seed)
+    ql.validate()
+  return ql
 
 
 __all__ = ["to_quantized_linear"]

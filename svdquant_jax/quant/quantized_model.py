@@ -9,7 +9,8 @@ low-rank factors, bias) or :class:`~svdquant_jax.nn.WeightOnlyDense` (W4A16 INT4
 On disk (written to a temporary folder, then renamed)::
 
     quant_config.json   format version, model family/config/fingerprint, the PTQ settings,
-                        and every quantized layer's spec
+                        and every quantized layer's spec (a rotated layer's spec adds
+                        rotation_block/rotation_seed; files without them load unrotated)
     params/             orbax checkpoint of the params tree (integer codes, scales, λ, factors)
 """
 
@@ -56,8 +57,8 @@ def layer_to_params(layer: QuantizedLayer, dtype: Any) -> tuple[Spec, dict[str, 
   """
   w, fmt = layer.weights, layer.fmt
   if fmt.act is None:
-    if w.rank or not bool(jnp.all(w.smooth == 1)):
-      raise ValueError("a weight-only layer cannot have smoothing or a low-rank branch")
+    if w.rank or not bool(jnp.all(w.smooth == 1)) or w.rotation is not None:
+      raise ValueError("a weight-only layer cannot have smoothing, a low-rank branch or an input rotation")
     spec = WeightOnlySpec("int4" if fmt.weight == "int4" else "nf4", fmt.group_size)
     if spec.fmt == "int4" and w.residual_q is not None:
       return spec, awq_params(w.residual_q.codes, w.residual_q.scales, w.bias, dtype)
@@ -102,6 +103,9 @@ def weight_bytes(params: Any) -> int:
 def _spec_json(spec: Spec) -> dict[str, Any]:
   kind = "svdquant" if isinstance(spec, QuantSpec) else "weight_only"
   fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("backend", "interpret")}
+  if not fields.get("rotation_block"):  # unrotated specs are written as before rotation existed
+    fields.pop("rotation_block", None)
+    fields.pop("rotation_seed", None)
   return {"kind": kind, **fields}
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from svdquant_jax.formats.quantizers import (
     QuantFormat, QuantizedWeight, dequantize_weight, fake_quant_act,
     fake_quant_weight, true_divide)
+from svdquant_jax.formats.rotation import HadamardRotation, rotate_inputs
 
 Array = jax.Array
 # Matmul precision of every quantization computation: on GPU, DEFAULT may run f32 matmuls in
@@ -51,6 +52,10 @@ class SVDQuantWeights:
       residual is ``Qw(R)`` (RTN with the format's absmax scales). Set by GPTQ (whose codes are not
       an RTN of any float tensor we keep) and by error-compensation baselines: then it replaces
       ``Qw(R)`` everywhere, and ``residual`` keeps the float R it was computed from.
+    rotation: optional Hadamard rotation of the input (static metadata; ``None``: none). When
+      set, every piece lives in the rotated space: the layer reads ``x' = x Q`` (Q of
+      :class:`~svdquant_jax.formats.rotation.HadamardRotation`) and the forwards rotate ``x``
+      first; the deployed layer rotates online.
   """
   smooth: Array
   residual: Array
@@ -58,6 +63,7 @@ class SVDQuantWeights:
   lora_b: Array
   bias: Array
   residual_q: QuantizedWeight | None = None
+  rotation: HadamardRotation | None = None
 
   @property
   def rank(self) -> int:
@@ -74,7 +80,7 @@ class SVDQuantWeights:
 
 jax.tree_util.register_dataclass(
     SVDQuantWeights, data_fields=["smooth", "residual", "lora_a", "lora_b", "bias", "residual_q"],
-    meta_fields=[])
+    meta_fields=["rotation"])
 
 
 def plain_weights(kernel: Array, bias: Array | None = None, smooth: Array | None = None) -> SVDQuantWeights:
@@ -128,8 +134,8 @@ def fake_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 
   """The canonical SVDQuant linear with fake quantizers.
 
   ``y = Qa(x̃) Qw(R) + ((x / λ) A) B + b - Σ_k (δ / λ_k) Qw(R)[k, :]``, ``x̃ = (x + δ) / λ``
-  (correctly rounded division). The branch reads the unshifted, unquantized ``x / λ``; everything
-  is computed in float32.
+  (correctly rounded division); with ``w.rotation``, ``x`` is first rotated (``x Q``, float32).
+  The branch reads the unshifted, unquantized ``x / λ``; everything is computed in float32.
 
   Args:
     x: ``[..., K]``.
@@ -144,6 +150,8 @@ def fake_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 
   """
   delta = act_shift(fmt, shift)
   xf = x.astype(jnp.float32)
+  if w.rotation is not None:
+    xf = rotate_inputs(xf, w.rotation)
   x_hat = true_divide(xf, w.smooth)  # IEEE, as the deployed kernels divide
   x_tilde = true_divide(xf + jnp.float32(delta), w.smooth) if delta else x_hat
   qa = fake_quant_act(x_tilde, fmt, unsigned=delta > 0)

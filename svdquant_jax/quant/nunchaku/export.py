@@ -120,6 +120,9 @@ def lora_extras(loras: Sequence[tuple[FluxLora, float]], config: FluxConfig) -> 
 
 
 def _check_w4a4_spec(name: str, layer: Layer, spec: QuantSpec, fmt: str) -> None:
+  if spec.rotation_block:
+    raise NunchakuExportError(f"{name}: quantized with a Hadamard input rotation (block {spec.rotation_block}), which "
+                              "the Nunchaku engine does not apply; export a model quantized without quant.rotation")
   if spec.fmt != fmt:
     raise NunchakuExportError(f"{name}: format {spec.fmt!r}, but the model's other layers are {fmt!r}; a Nunchaku "
                               "file holds one 4-bit format")
