@@ -19,14 +19,19 @@ precision) or ``=655`` (H100 bf16 dot, measured: docs/kernels.md):
     python launch/benchmark_ptq.py --method=flux-dev,int4 --lowrank_iters=10 --device_tflops=67 --bf16_tflops=655 \
         --estimate_only                                             # FLOP estimate only, no blocks run
 
+Memory instead of time (XLA's analysis of the compiled programs, nothing allocated; docs/design.md, "PTQ memory"):
+
+    python launch/benchmark_ptq.py --memory --max_tokens=131072 --batch_size=1   # FLUX.1-dev, 128 x 4608 tokens
+
 The search cost cuts (``quant.search``: ``--mode=exact|fast``, ``--loss_dtype``, ``--halving_tokens``,
 ``--halving_keep``) are counted in the FLOPs; ``--bf16_tflops=655`` puts the bf16 loss evaluations at
 that rate in the ``--device_tflops`` estimates.
 """
 
 from absl import flags
+import jax
 
-from svdquant_jax.flows import ptq_benchmark
+from svdquant_jax.flows import ptq_benchmark, ptq_memory
 from svdquant_jax.utils import cli
 
 _CONFIG_NAME = flags.DEFINE_string("config_name", "flux-dev", "FLUX preset whose widths are used.")
@@ -55,6 +60,10 @@ _CUTS = flags.DEFINE_list("search_cuts", [], "rows,K,N[,seeds]: instead of the b
 _ESTIMATE_ONLY = flags.DEFINE_bool("estimate_only", False, "With --device_tflops: print only the FLOP-based "
                                     "FLUX.1-dev estimates at 100% of the rate (no blocks are run).")
 _NUM_SINGLE = flags.DEFINE_integer("num_single", None, "Single blocks of the model (default: the preset's).")
+_MEMORY = flags.DEFINE_bool("memory", False, "Instead of timing: XLA's memory analysis (arguments, outputs, "
+                            "temporaries) of every group's recording pass and search at these shapes, compiled "
+                            "with abstract inputs (nothing is allocated or run).")
+_GROUPS = flags.DEFINE_list("groups", [], "With --memory: only these group names (e.g. ff.fc1,qkv_mlp).")
 
 
 def main(argv):
@@ -70,6 +79,15 @@ def main(argv):
         log=lambda r: print(f"seed {r['seed']} {r['format']} {r['variant']}: error {r['error']:.5f} "
                             f"({r['error_ratio']:.4f} x exact), pair {r['pair']}, {r['seconds']:.1f} s", flush=True))
     print(ptq_benchmark.format_search_cuts(result))
+    return
+  if _MEMORY.value:
+    report = ptq_memory.memory_report(_CONFIG_NAME.value, settings, samples=_SAMPLES.value,
+                                      img_tokens=_IMG_TOKENS.value, txt_tokens=_TXT_TOKENS.value, dtype=_DTYPE.value,
+                                      groups=_GROUPS.value, log=lambda row: print(ptq_memory.format_row(row), flush=True))
+    print(ptq_memory.format_report(report, f"{_CONFIG_NAME.value}: {_SAMPLES.value} x ({_IMG_TOKENS.value} + "
+                                           f"{_TXT_TOKENS.value}) tokens, max_tokens {settings.max_tokens}, batch "
+                                           f"{settings.batch_size}, {settings.candidate_batch} candidates per batch, "
+                                           f"loss chunks {settings.loss_chunk_tokens} (GB, XLA {jax.default_backend()})"))
     return
   if _ESTIMATE_ONLY.value:
     for tflops in _DEVICE_TFLOPS.value:

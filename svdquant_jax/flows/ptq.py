@@ -154,15 +154,13 @@ def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any] | None:
   identity = ptq.run_identity(settings, run.identity["model"], run.identity["calibration"], run.identity["samples"])
   store = ptq.ProgressStore(os.path.join(run_dir, "progress"), identity, resume=config.resume)
   start = time.monotonic()
-  layers = ptq.quantize_transformer(adapter, pipeline.transformer_params, run.state, settings, progress=store,
-                                    log=logging.info, mesh=run.mesh)
+  blocks = _PackedBlocks(pipeline.transformer_params, jnp.dtype(adapter.config.param_dtype))
+  ptq.quantize_transformer(adapter, pipeline.transformer_params, run.state, settings, progress=store,
+                           log=logging.info, mesh=run.mesh, on_block=blocks.pack)
   seconds = time.monotonic() - start
-  if jax.process_count() > 1:
-    if not sharding.is_main_process():
-      return None
-    local = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(sharding.to_host(a)), tree)  # noqa: E731
-    layers = {k: dataclasses.replace(q, weights=local(q.weights)) for k, q in layers.items()}  # process-local
-  params, specs = quantized_model.quantize_params(pipeline.transformer_params, layers, jnp.dtype(adapter.config.param_dtype))
+  if not sharding.is_main_process():
+    return None
+  params, specs = {**pipeline.transformer_params, **blocks.trees}, blocks.specs
   if config.save_model:
     quantized_model.save_quantized(os.path.join(run_dir, "model"), params, specs, metadata={
         "family": adapter.family, "model": config.model, "model_config": repr(adapter.config),
@@ -191,10 +189,30 @@ def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any] | None:
     state = run.state
     if jax.process_count() > 1:
       state = jax.tree_util.tree_map(lambda a: jnp.asarray(sharding.to_host(a)), state)
-    errs = ptq.block_errors(adapter, pipeline.transformer_params, state, layers, settings.batch_size)
+    errs = ptq.block_errors(adapter, pipeline.transformer_params, state, store.load, settings.batch_size)
     row["block_errors"] = errs
     row["final_block_error"] = errs[-1][1]
   return row
+
+
+@dataclasses.dataclass
+class _PackedBlocks:
+  """Packs each block's quantized layers as soon as the block is done (``on_block`` of
+  :func:`~svdquant_jax.quant.ptq.quantize_transformer`), so that only the deployed form (4-bit codes,
+  scales, branch in the param dtype) accumulates; the float layers stay on disk in the progress store."""
+  params: Any
+  dtype: Any
+  trees: dict[str, Any] = dataclasses.field(default_factory=dict)
+  specs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def pack(self, name: str, layers: dict[str, ptq.QuantizedLayer]) -> None:
+    if not sharding.is_main_process():
+      return
+    if jax.process_count() > 1:  # process-local copies of the (replicated) weights
+      local = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(sharding.to_host(a)), tree)  # noqa: E731
+      layers = {k: dataclasses.replace(q, weights=local(q.weights)) for k, q in layers.items()}
+    self.trees[name], specs = quantized_model.quantize_params(self.params[name], layers, self.dtype)
+    self.specs.update({f"{name}/{k}": v for k, v in specs.items()})
 
 
 def _transformer_config(model_config: Any) -> dict[str, Any]:

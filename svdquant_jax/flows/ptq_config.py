@@ -9,7 +9,9 @@ Model parts (deepcompressor's ``model/*.yaml``): ``flux-tiny`` (the built-in def
 ``pixart-tiny``, ``flux-dev``, ``flux-schnell``, ``pixart-sigma``.
 Method parts (``svdquant/*.yaml`` and the baselines): ``int4``, ``nvfp4``, ``w8a8``, ``fast``,
 ``gptq``; ``refine`` and ``int4-refined`` (SVDQuant INT4 + learned refinement, not in
-deepcompressor); ``rtn-int4``, ``rtn-nvfp4``, ``rtn-w8a8``, ``w4a16``, ``nf4``.
+deepcompressor); ``rotate`` and ``int4-rotated`` (randomized Hadamard rotation of each group's
+input before smoothing, not in deepcompressor; ``int4+rotate+refine`` in baselines);
+``rtn-int4``, ``rtn-nvfp4``, ``rtn-w8a8``, ``w4a16``, ``nf4``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def base() -> ml_collections.ConfigDict:
   c.quant.search.loss_dtype = "bfloat16"   # loss evaluations: bfloat16 (bf16 x bf16 -> f32) | float32 (HIGHEST)
   c.quant.search.halving_tokens = 4096     # successive halving of the smoothing grid from this many tokens (0: off)
   c.quant.search.halving_keep = 0.5        # fraction of the smoothing candidates kept per halving round
+  c.quant.search.loss_chunk_tokens = 2048  # linear-level losses in chunks of this many tokens (bounds memory; 0: off)
   c.quant.gptq = ml_collections.ConfigDict()
   c.quant.gptq.enabled = False
   c.quant.gptq.damp = 0.01
@@ -90,6 +93,11 @@ def base() -> ml_collections.ConfigDict:
   c.quant.refine.pieces = ("lowrank", "smooth")   # which pieces move: the branch A, B and/or log λ
   c.quant.refine.tokens = 0       # calibration tokens per step (0: all, full-batch)
   c.quant.refine.seed = 0         # seed of the token draws
+  c.quant.rotation = ml_collections.ConfigDict()   # Hadamard rotation of each group's input (quant/rotation.py)
+  c.quant.rotation.enabled = False   # rotated inputs are signed: needs shift_activations=False for INT4
+  c.quant.rotation.seed = 0          # run seed; each group's sign seed derives from it and the group name
+  c.quant.rotation.block = 0         # Hadamard block (0: the largest power of two dividing K)
+  c.quant.rotation.min_block = 16    # a K without a power-of-two block >= this is refused (skip the layer)
   return c
 
 
@@ -192,6 +200,19 @@ def _int4_refined(c: ml_collections.ConfigDict) -> None:
   _refine(c)
 
 
+def _rotate(c: ml_collections.ConfigDict) -> None:
+  """Randomized Hadamard rotation of every W/A group's input before the smoothing search; the
+  rotated input is signed, so the unsigned shifted fc2 path is off (quant/rotation.py)."""
+  c.quant.rotation.enabled = True
+  c.quant.shift_activations = False
+  c.quant.name = c.quant.name + "-rotated"
+
+
+def _int4_rotated(c: ml_collections.ConfigDict) -> None:
+  METHOD_PARTS["int4"](c)
+  _rotate(c)
+
+
 METHOD_PARTS: dict[str, Part] = {
     # SVDQuant (deepcompressor svdquant/int4.yaml, nvfp4.yaml): smoothing + rank-32 branch.
     "int4": _method("svdq-int4", "int4", rank=32, smooth=True, shift=True),
@@ -202,6 +223,8 @@ METHOD_PARTS: dict[str, Part] = {
     "gptq": _gptq,
     "refine": _refine,
     "int4-refined": _int4_refined,
+    "rotate": _rotate,
+    "int4-rotated": _int4_rotated,
     # Baselines: round to nearest without smoothing or branch, and weight-only formats.
     "rtn-int4": _method("rtn-int4", "int4", rank=0, smooth=False, shift=True),
     "rtn-nvfp4": _method("rtn-nvfp4", "nvfp4", rank=0, smooth=False, shift=False),

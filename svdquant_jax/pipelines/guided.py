@@ -38,7 +38,42 @@ class GuidedDPMPipeline:
   """
   family: str = ""
   vae_model: Any = None
+  transformer_model: Any = None
   float32_latents: bool = False
+
+  # ----------------------------------------------------------------------------- components
+  @property
+  def size_multiple(self) -> int:
+    """Height and width must be multiples of this: the autoencoder's factor x the patch size."""
+    return self.vae_config.vae_scale_factor * self.transformer_config.patch_size
+
+  @property
+  def transformer_fn(self) -> TransformerFn:
+    """The default (jitted) transformer: ``fn(params, **inputs) -> [N, h, w, out_channels]``."""
+    return jitted_apply(self.transformer_model, self.transformer_config)
+
+  def _component_problems(self, text_dim: int, text_name: str, vae_name: str) -> list[str]:
+    """What the two families check alike: the scheduler, the text width the transformer reads and
+    the latent channels it maps."""
+    tc, vc = self.transformer_config, self.vae_config
+    problems = []
+    if not isinstance(self.scheduler_config, schedulers.DPMSolverConfig):
+      problems.append(f"scheduler_config is a {type(self.scheduler_config).__name__}, expected DPMSolverConfig")
+    if tc.caption_channels != text_dim:
+      problems.append(f"transformer caption_channels={tc.caption_channels} != {text_name}={text_dim}")
+    if tc.in_channels != vc.latent_channels:
+      problems.append(f"transformer in_channels={tc.in_channels} != {vae_name} latent_channels={vc.latent_channels}")
+    if tc.out_channels not in (tc.in_channels, 2 * tc.in_channels):
+      problems.append(f"transformer out_channels={tc.out_channels}: expected in_channels ({tc.in_channels}) or "
+                      "twice that (learned sigma)")
+    return problems
+
+  def _sequence_length(self, max_sequence_length: int | None) -> int:
+    """``max_sequence_length`` checked (an int >= 2), or the defaults' one."""
+    length = self.defaults.max_sequence_length if max_sequence_length is None else max_sequence_length
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 2:
+      raise PipelineInputError(f"max_sequence_length must be an int >= 2, got {length!r}")
+    return int(length)
 
   # ----------------------------------------------------------------------------- family hooks
   def encode_negative(self, count: int, length: int) -> tuple[Array, Array]:

@@ -36,7 +36,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from svdquant_jax.models import tokenizers as tokenizers_lib
 from svdquant_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
@@ -44,8 +43,8 @@ from svdquant_jax.pipelines.presets import GenerationDefaults
 from svdquant_jax.models.t5 import T5Config, T5Encoder
 from svdquant_jax.models.vae import AutoencoderKL, VAEConfig
 from svdquant_jax.pipelines import schedulers
-from svdquant_jax.pipelines.flux import (PipelineConfigError, PipelineInputError, TransformerFn, check_prompts,
-                                         check_size, gaussian_noise, jitted_apply)
+from svdquant_jax.pipelines.flux import (PipelineConfigError, check_prompts, check_size, gaussian_noise,
+                                         jitted_apply)
 from svdquant_jax.pipelines.guided import GuidedDPMPipeline
 
 Array = jax.Array
@@ -75,6 +74,7 @@ class PixArtSigmaPipeline(GuidedDPMPipeline):
   pipeline_class = "PixArtSigmaPipeline"
   family = "PixArt"
   vae_model = AutoencoderKL
+  transformer_model = PixArtTransformer2DModel
 
   def __init__(self, *, transformer_config: PixArtConfig, transformer_params: Any, t5_config: T5Config,
                t5_params: Any, vae_config: VAEConfig, vae_params: Any, t5_tokenizer: Any,
@@ -87,40 +87,18 @@ class PixArtSigmaPipeline(GuidedDPMPipeline):
     self._check_components()
 
   def _check_components(self) -> None:
-    tc, vc = self.transformer_config, self.vae_config
-    problems = []
-    if not isinstance(self.scheduler_config, schedulers.DPMSolverConfig):
-      problems.append(f"scheduler_config is a {type(self.scheduler_config).__name__}, expected DPMSolverConfig")
-    if tc.use_additional_conditions:
+    problems = self._component_problems(self.t5_config.d_model, "T5 d_model", "VAE")
+    if self.transformer_config.use_additional_conditions:
       problems.append("the transformer uses resolution / aspect-ratio micro-conditions (PixArt-alpha), which "
                       "the PixArt-Sigma pipeline does not provide")
-    if tc.caption_channels != self.t5_config.d_model:
-      problems.append(f"transformer caption_channels={tc.caption_channels} != T5 d_model={self.t5_config.d_model}")
-    if tc.in_channels != vc.latent_channels:
-      problems.append(f"transformer in_channels={tc.in_channels} != VAE latent_channels={vc.latent_channels}")
-    if tc.out_channels not in (tc.in_channels, 2 * tc.in_channels):
-      problems.append(f"transformer out_channels={tc.out_channels}: expected in_channels ({tc.in_channels}) or "
-                      f"twice that (learned sigma)")
     if problems:
       raise PipelineConfigError(f"PixArt-Sigma pipeline {self.name!r}: " + "; ".join(problems))
-
-  @property
-  def size_multiple(self) -> int:
-    """Height and width must be multiples of this: VAE factor (8) x patch size (2)."""
-    return self.vae_config.vae_scale_factor * self.transformer_config.patch_size
-
-  @property
-  def transformer_fn(self) -> TransformerFn:
-    """The default (jitted) transformer: ``fn(params, **inputs) -> [N, h, w, out_channels]``."""
-    return jitted_apply(PixArtTransformer2DModel, self.transformer_config)
 
   def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> tuple[Array, Array]:
     """T5 conditioning: ``(prompt_embeds [B, L, d_t5] in the T5 dtype, attention_mask int32 [B, L])``."""
     prompts = check_prompts(prompts)
-    length = self.defaults.max_sequence_length if max_sequence_length is None else max_sequence_length
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 2:
-      raise PipelineInputError(f"max_sequence_length must be an int >= 2, got {length!r}")
-    ids, mask = tokenizers_lib.tokenize(self.t5_tokenizer, [preprocess_prompt(p) for p in prompts], int(length))
+    length = self._sequence_length(max_sequence_length)
+    ids, mask = tokenizers_lib.tokenize(self.t5_tokenizer, [preprocess_prompt(p) for p in prompts], length)
     embeds = jitted_apply(T5Encoder, self.t5_config)(self.t5_params, jnp.asarray(ids), jnp.asarray(mask))
     return embeds, jnp.asarray(mask)
 

@@ -41,8 +41,8 @@ from svdquant_jax.models.dc_ae import AutoencoderDC, DCAEConfig
 from svdquant_jax.models.gemma2 import Gemma2Config, Gemma2Model
 from svdquant_jax.models.sana import SanaConfig, SanaTransformer2DModel
 from svdquant_jax.pipelines import schedulers
-from svdquant_jax.pipelines.flux import (PipelineConfigError, PipelineInputError, TransformerFn, check_prompts,
-                                         check_size, gaussian_noise, jitted_apply)
+from svdquant_jax.pipelines.flux import (PipelineConfigError, check_prompts, check_size, gaussian_noise,
+                                         jitted_apply)
 from svdquant_jax.pipelines.guided import NEGATIVE_PROMPT, GuidedDPMPipeline
 from svdquant_jax.pipelines.presets import GenerationDefaults
 
@@ -92,6 +92,7 @@ class SanaPipeline(GuidedDPMPipeline):
   pipeline_class = "SanaPipeline"
   family = "SANA"
   vae_model = AutoencoderDC
+  transformer_model = SanaTransformer2DModel
   float32_latents = True
 
   def __init__(self, *, transformer_config: SanaConfig, transformer_params: Any, text_encoder_config: Gemma2Config,
@@ -107,30 +108,9 @@ class SanaPipeline(GuidedDPMPipeline):
     self._check_components()
 
   def _check_components(self) -> None:
-    tc, vc = self.transformer_config, self.vae_config
-    problems = []
-    if not isinstance(self.scheduler_config, schedulers.DPMSolverConfig):
-      problems.append(f"scheduler_config is a {type(self.scheduler_config).__name__}, expected DPMSolverConfig")
-    if tc.caption_channels != self.text_encoder_config.hidden_size:
-      problems.append(f"transformer caption_channels={tc.caption_channels} != Gemma-2 hidden_size="
-                      f"{self.text_encoder_config.hidden_size}")
-    if tc.in_channels != vc.latent_channels:
-      problems.append(f"transformer in_channels={tc.in_channels} != DC-AE latent_channels={vc.latent_channels}")
-    if tc.out_channels not in (tc.in_channels, 2 * tc.in_channels):
-      problems.append(f"transformer out_channels={tc.out_channels}: expected in_channels ({tc.in_channels}) or "
-                      "twice that (learned sigma)")
+    problems = self._component_problems(self.text_encoder_config.hidden_size, "Gemma-2 hidden_size", "DC-AE")
     if problems:
       raise PipelineConfigError(f"SANA pipeline {self.name!r}: " + "; ".join(problems))
-
-  @property
-  def size_multiple(self) -> int:
-    """Height and width must be multiples of this: DC-AE factor (32) x patch size (1)."""
-    return self.vae_config.vae_scale_factor * self.transformer_config.patch_size
-
-  @property
-  def transformer_fn(self) -> TransformerFn:
-    """The default (jitted) transformer: ``fn(params, **inputs) -> [N, h, w, out_channels]``."""
-    return jitted_apply(SanaTransformer2DModel, self.transformer_config)
 
   def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int | None = None, *,
                      instruction: bool = True) -> tuple[Array, Array]:
@@ -142,10 +122,7 @@ class SanaPipeline(GuidedDPMPipeline):
       instruction: prefix the complex human instruction (the negative prompt is encoded without).
     """
     prompts = [preprocess_prompt(p) for p in check_prompts(prompts)]
-    length = self.defaults.max_sequence_length if max_sequence_length is None else max_sequence_length
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 2:
-      raise PipelineInputError(f"max_sequence_length must be an int >= 2, got {length!r}")
-    length = int(length)
+    length = self._sequence_length(max_sequence_length)
     chi = "\n".join(self.complex_human_instruction) if instruction else ""
     if chi:
       total = len(self.tokenizer.encode(chi)) + length - 2

@@ -25,10 +25,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from svdquant_jax.quant.adapters import ModelAdapter, State
 from svdquant_jax.formats.quantizers import QuantFormat
-from svdquant_jax.quant.smooth import loss_forward, seeded_rows
+from svdquant_jax.quant.smooth import chunked_row_sum, loss_forward, seeded_rows
 from svdquant_jax.quant.weights import PRECISION, SVDQuantWeights, fake_forward
 from svdquant_jax.quant.taps import Path, apply_with_taps
 from svdquant_jax.utils import sharding
@@ -64,7 +65,8 @@ def _apply_one(adapter: ModelAdapter, kind: str, params: Any, sample: State, spe
 def run_block(adapter: ModelAdapter, kind: str, params: Any, state: State, weights: Sequence[SVDQuantWeights] = (),
               *, spec: ReplaceSpec = (), record_inputs: tuple[Path, ...] = (),
               record_outputs: tuple[Path, ...] = (), batch_size: int = 8,
-              mesh: jax.sharding.Mesh | None = None) -> tuple[State, dict]:
+              mesh: jax.sharding.Mesh | None = None,
+              record_rows: dict[Path, Array] | None = None) -> tuple[State, dict]:
   """One block over all samples: ``state [S, ...] -> (state after the block, recordings [S, ...])``.
 
   Args:
@@ -75,10 +77,68 @@ def run_block(adapter: ModelAdapter, kind: str, params: Any, state: State, weigh
     record_inputs / record_outputs: layer inputs / module outputs to return, per sample.
     batch_size: samples per device batch.
     mesh: split the samples over this mesh (state and recordings stay split; ``None``: one device).
+    record_rows: for some ``record_inputs`` paths, ``int32 [S, M]`` token rows of each sample to
+      keep (:class:`TokenRows`): that path's recording is ``[S, M, K]`` instead of ``[S, T, K]``,
+      so the full inputs of all samples never exist at once (traced: every block of a kind with
+      the same ``M`` shares one program).
   """
-  def body(sample):
-    return _apply_one(adapter, kind, params, sample, spec, weights, record_inputs, record_outputs)
-  return sharding.map_samples(body, state, mesh, batch_size)
+  rows = dict(record_rows or {})
+
+  def body(xs):
+    sample, picks = xs
+    new_state, rec = _apply_one(adapter, kind, params, sample, spec, weights, record_inputs, record_outputs)
+    for path, r in picks.items():
+      x = rec["inputs"][path]
+      rec["inputs"][path] = x.reshape(-1, x.shape[-1])[r]
+    return new_state, rec
+  return sharding.map_samples(body, (state, rows), mesh, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRows:
+  """A seeded subset of the ``S x T`` token rows of a recorded layer input, split by sample.
+
+  The subset is the one :func:`subsample_tokens` takes from the flattened ``[S*T, K]`` input: the
+  first ``count`` of a seeded permutation, in increasing order (so sample by sample). ``per_sample``
+  ``int32 [S, M]`` lists each sample's chosen tokens padded to a common ``M`` (padding: token 0,
+  dropped later); ``M`` is rounded up to a coarse step so that blocks of one kind usually share a
+  compiled pass. ``positions`` ``int32 [count]`` are the chosen rows' places in the flattened
+  ``[S*M]`` recording: ``recording.reshape(S*M, K)[positions]`` equals the subset bit for bit.
+  """
+  per_sample: Any
+  positions: Any
+
+  @classmethod
+  def make(cls, samples: int, tokens: int, count: int, seed: int) -> "TokenRows":
+    rows = subset_rows(samples * tokens, count, seed)
+    sample, token = rows // tokens, rows % tokens
+    counts = np.bincount(sample, minlength=samples)
+    step = 2 ** max(3, int(np.log2(max(1, count // samples))) - 2)
+    m = min(tokens, -(-int(counts.max()) // step) * step)
+    slot = np.arange(rows.size) - np.concatenate([[0], np.cumsum(counts)[:-1]])[sample]
+    per_sample = np.zeros((samples, m), np.int32)
+    per_sample[sample, slot] = token
+    return cls(per_sample, (sample * m + slot).astype(np.int32))
+
+  def compact(self, recording: Array) -> Array:
+    """``[S, M, K]`` recording -> ``[count, K]``, the subset in :func:`subsample_tokens`' order."""
+    return recording.reshape(-1, recording.shape[-1])[self.positions]
+
+
+def subset_rows(num_rows: int, count: int, seed: int) -> np.ndarray:
+  """The calibration token subset: the first ``count`` of a seeded permutation of ``num_rows``
+  rows, sorted (``int64 [min(count, num_rows)]``; ``count <= 0``: all rows)."""
+  if count <= 0 or num_rows <= count:
+    return np.arange(num_rows)
+  return np.sort(np.random.default_rng(seed).permutation(num_rows)[:count])
+
+
+def subsample_tokens(x: Array, max_tokens: int, seed: int) -> Array:
+  """``[..., K] -> [T, K]``; at most ``max_tokens`` rows (0: all), chosen by :func:`subset_rows`."""
+  x = x.reshape(-1, x.shape[-1])
+  if max_tokens and x.shape[0] > max_tokens:
+    x = x[subset_rows(x.shape[0], max_tokens, seed)]
+  return x
 
 
 def _ordered_sum(values: Array) -> Array:
@@ -169,6 +229,7 @@ class LayerOutputsLoss:
   shifts: tuple[float, ...]
   mesh: jax.sharding.Mesh | None = None
   loss_dtype: str = "float32"
+  chunk_tokens: int = 0
 
   def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
     total = jnp.zeros((), jnp.float32)
@@ -177,10 +238,9 @@ class LayerOutputsLoss:
         def rows(xt, cand=cand, shift=shift):
           return jnp.sum(jnp.square(loss_forward(xt[0], cand, self.fmt, shift, self.loss_dtype) - xt[1]), axis=-1)
         if self.mesh is None:
-          per_row = rows((x, target))
+          total = total + chunked_row_sum(lambda a, b: _ordered_sum(rows((a, b))), (x, target), self.chunk_tokens)
         else:
-          per_row = sharding.per_device(rows, (x, target), self.mesh, gather=True)
-        total = total + _ordered_sum(per_row)
+          total = total + _ordered_sum(sharding.per_device(rows, (x, target), self.mesh, gather=True))
     return total
 
   @property
@@ -198,7 +258,7 @@ class LayerOutputsLoss:
 
 
 jax.tree_util.register_dataclass(LayerOutputsLoss, data_fields=["xs", "targets"],
-                                 meta_fields=["fmt", "shifts", "mesh", "loss_dtype"])
+                                 meta_fields=["fmt", "shifts", "mesh", "loss_dtype", "chunk_tokens"])
 
 
 @jax.jit
@@ -209,7 +269,7 @@ def _linear_targets(x: Array, kernel: Array, bias: Array | None) -> Array:
 
 def layer_outputs_loss(xs: Sequence[Array], kernels: Sequence[Array], biases: Sequence[Array | None],
                        fmt: QuantFormat, shifts: Sequence[float],
-                       mesh: jax.sharding.Mesh | None = None) -> LayerOutputsLoss:
+                       mesh: jax.sharding.Mesh | None = None, chunk_tokens: int = 0) -> LayerOutputsLoss:
   """Builds :class:`LayerOutputsLoss` from per-layer inputs ``[T_i, K]`` (float32 kept).
 
   With a ``mesh`` of more than one device the rows (and their targets, computed whole) are split
@@ -222,4 +282,4 @@ def layer_outputs_loss(xs: Sequence[Array], kernels: Sequence[Array], biases: Se
   if mesh is not None:
     xs = tuple(sharding.shard_samples(x, mesh, "layer loss inputs") for x in xs)
     targets = tuple(sharding.shard_samples(t, mesh, "layer loss targets") for t in targets)
-  return LayerOutputsLoss(xs, targets, fmt, tuple(float(s) for s in shifts), mesh)
+  return LayerOutputsLoss(xs, targets, fmt, tuple(float(s) for s in shifts), mesh, chunk_tokens=chunk_tokens)

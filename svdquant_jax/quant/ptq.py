@@ -36,12 +36,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from svdquant_jax.formats.quantizers import GELU_SHIFT, W4A16_INT4, QuantFormat, QuantizedWeight
+from svdquant_jax.formats.rotation import HadamardRotation
 from svdquant_jax.quant import block_calib
 from svdquant_jax.quant.adapters import BlockRef, ModelAdapter, State
 from svdquant_jax.quant.calib_cache import CalibrationSet
 from svdquant_jax.quant.settings import PTQSettings
 from svdquant_jax.quant.svdquant import SVDQuantWeights, plain_weights, quantize_linear_group
-from svdquant_jax.quant.taps import parse_path
+from svdquant_jax.quant.taps import Path, parse_path
 from svdquant_jax.utils import sharding
 from svdquant_jax.utils.files import atomic_write_text, quiet_info_logs
 from svdquant_jax.utils.progress import Progress
@@ -84,13 +85,32 @@ def initial_state(adapter: ModelAdapter, params: Mapping[str, Any], calib: Calib
 
 
 # ----------------------------------------------------------------------------- one block
-def _subsample_tokens(x: Array, max_tokens: int, seed: int) -> Array:
-  """``[..., K] -> [T, K]``; at most ``max_tokens`` rows, chosen by a seeded permutation."""
-  x = x.reshape(-1, x.shape[-1])
-  if max_tokens and x.shape[0] > max_tokens:
-    rows = np.sort(np.random.default_rng(seed).permutation(x.shape[0])[:max_tokens])
-    x = x[rows]
-  return x
+_shape_cache: dict[Any, dict[Path, tuple[int, ...]]] = {}
+
+
+def _recorded_shapes(adapter: ModelAdapter, kind: str, params: Any, state: State,
+                     paths: tuple[Path, ...]) -> dict[Path, tuple[int, ...]]:
+  """Shapes ``[S, ..., K]`` of the inputs :func:`block_calib.run_block` would record (traced once
+  per block kind and state shape; nothing runs)."""
+  key = (adapter, kind, paths, tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(state.items())))
+  if key not in _shape_cache:
+    out = jax.eval_shape(lambda p, st: block_calib.run_block(adapter, kind, p, st, record_inputs=paths)[1], params,
+                         state)
+    _shape_cache[key] = {p: tuple(out["inputs"][p].shape) for p in paths}
+  return _shape_cache[key]
+
+
+def _token_rows(adapter: ModelAdapter, kind: str, params: Any, state: State, paths: tuple[Path, ...],
+                max_tokens: int, seed: int) -> dict[Path, block_calib.TokenRows]:
+  """The token subsets of the recorded inputs that hold more than ``max_tokens`` rows."""
+  if not max_tokens:
+    return {}
+  out = {}
+  for path, shape in _recorded_shapes(adapter, kind, params, state, paths).items():
+    samples, tokens = shape[0], int(np.prod(shape[1:-1], dtype=np.int64))
+    if samples * tokens > max_tokens:
+      out[path] = block_calib.TokenRows.make(samples, tokens, max_tokens, seed)
+  return out
 
 
 def _dense(params: Mapping[str, Any], path: tuple[str, ...], where: str) -> tuple[Array, Array | None]:
@@ -121,23 +141,29 @@ def quantize_block(adapter: ModelAdapter, block: BlockRef, params: Mapping[str, 
       continue
     paths = tuple(parse_path(l) for l in layers)
     eval_path = None if group.eval_module is None else parse_path(group.eval_module)
-    _, rec = block_calib.run_block(adapter, block.kind, params, state, record_inputs=paths,
+    # A shared input is recorded once; with calib.max_tokens only the chosen tokens are kept.
+    recorded = paths[:1] if group.shared_input else paths
+    seed = (settings.token_seed * 1_000_003 + block_index * 1009 + g_index) % (2 ** 31)
+    rows = _token_rows(adapter, block.kind, params, state, recorded, settings.max_tokens, seed)
+    _, rec = block_calib.run_block(adapter, block.kind, params, state, record_inputs=recorded,
                                    record_outputs=() if eval_path is None else (eval_path,),
-                                   batch_size=settings.batch_size, mesh=mesh)
+                                   batch_size=settings.batch_size, mesh=mesh,
+                                   record_rows={p: r.per_sample for p, r in rows.items()})
     inputs = rec["inputs"] if mesh is None else sharding.gather_replicated(rec["inputs"], mesh)
+    inputs = {p: rows[p].compact(x) if p in rows else x.reshape(-1, x.shape[-1]) for p, x in inputs.items()}
+    del rec["inputs"]
     kernels, biases = zip(*(_dense(params, p, block.name) for p in paths))
     # The shifted unsigned input exists in the INT4 activation path only (as in Nunchaku).
     shift = GELU_SHIFT if (group.unsigned and settings.shift_activations and fmt.act == "int4") else 0.0
     shifts = [shift] * len(paths)
-    seed = (settings.token_seed * 1_000_003 + block_index * 1009 + g_index) % (2 ** 31)
     if group.shared_input:
-      xs = [_subsample_tokens(inputs[paths[0]], settings.max_tokens, seed)] * len(paths)
+      xs = [inputs[paths[0]]] * len(paths)
       x_all = xs[0]
     else:
-      xs = [_subsample_tokens(inputs[p], settings.max_tokens, seed) for p in paths]
+      xs = [inputs[p] for p in paths]
       x_all = jnp.concatenate(xs, axis=0)
     if eval_path is None:
-      loss = block_calib.layer_outputs_loss(xs, kernels, biases, fmt, shifts, mesh)
+      loss = block_calib.layer_outputs_loss(xs, kernels, biases, fmt, shifts, mesh, settings.loss_chunk_tokens)
     else:
       loss = block_calib.ModuleOutputLoss(params, state, rec["outputs"][eval_path], adapter, block.kind, paths,
                                           eval_path, fmt, tuple(shifts), settings.batch_size, mesh)
@@ -204,14 +230,25 @@ def _layer_tree(layer: QuantizedLayer) -> dict[str, Any]:
   return tree
 
 
-def _layer_from_tree(tree: Mapping[str, Any], fmt: QuantFormat, shift: float) -> QuantizedLayer:
+def _layer_from_tree(tree: Mapping[str, Any], fmt: QuantFormat, shift: float,
+                     rotation: Mapping[str, int] | None = None) -> QuantizedLayer:
   rq = tree.get("residual_q")
   residual_q = None if rq is None else QuantizedWeight(rq["codes"], rq["scales"], rq["tensor_scale"])
   k, n = tree["residual"].shape
   lora_a = tree.get("lora_a", jnp.zeros((k, 0), jnp.float32))
   lora_b = tree.get("lora_b", jnp.zeros((0, n), jnp.float32))
-  w = SVDQuantWeights(tree["smooth"], tree["residual"], lora_a, lora_b, tree["bias"], residual_q)
+  rot = None if rotation is None else HadamardRotation(int(rotation["k"]), int(rotation["block"]),
+                                                        int(rotation["seed"]))
+  w = SVDQuantWeights(tree["smooth"], tree["residual"], lora_a, lora_b, tree["bias"], residual_q, rot)
   return QuantizedLayer(w, fmt, shift)
+
+
+def _layer_meta(q: QuantizedLayer) -> dict[str, Any]:
+  """A layer's ``layers.json`` entry: format, shift and (when rotated) the rotation (k, block, seed)."""
+  meta = {"fmt": _fmt_json(q.fmt), "shift": q.shift}
+  if q.weights.rotation is not None:
+    meta["rotation"] = dataclasses.asdict(q.weights.rotation)
+  return meta
 
 
 def _fmt_json(fmt: QuantFormat) -> dict[str, Any]:
@@ -264,7 +301,7 @@ class ProgressStore:
       node = tree
       for p in parse_path(layer):
         node = node[p]
-      out[layer] = _layer_from_tree(node, QuantFormat(**m["fmt"]), m["shift"])
+      out[layer] = _layer_from_tree(node, QuantFormat(**m["fmt"]), m["shift"], m.get("rotation"))
     return out
 
   def save(self, index: int, name: str, layers: Mapping[str, QuantizedLayer]) -> None:
@@ -287,7 +324,7 @@ class ProgressStore:
     self.done.append(name)
     if self._main:
       atomic_write_text(os.path.join(folder, "layers.json"), json.dumps(
-          {layer: {"fmt": _fmt_json(q.fmt), "shift": q.shift} for layer, q in layers.items()}, indent=1))
+          {layer: _layer_meta(q) for layer, q in layers.items()}, indent=1))
       atomic_write_text(os.path.join(self.folder, PROGRESS_FILE),
                         json.dumps({"identity": self.identity, "done": self.done}, indent=1))
     _sync_processes(f"progress {name} saved")
@@ -312,8 +349,10 @@ def run_identity(settings: PTQSettings, fingerprint: str, calib_fingerprint: str
 def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state: State, settings: PTQSettings, *,
                          progress: ProgressStore | None = None, stop_after: int | None = None,
                          log: Callable[[str], None] = print,
-                         mesh: jax.sharding.Mesh | None = None) -> dict[str, QuantizedLayer]:
-  """Quantizes every block; returns ``{"<block>/<layer>": QuantizedLayer}``.
+                         mesh: jax.sharding.Mesh | None = None,
+                         on_block: Callable[[str, dict[str, QuantizedLayer]], None] | None = None,
+                         ) -> dict[str, QuantizedLayer]:
+  """Quantizes every block; returns ``{"<block>/<layer>": QuantizedLayer}`` (empty with ``on_block``).
 
   Args:
     adapter: the model family and config.
@@ -327,6 +366,10 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
     mesh: data parallel over this mesh (:func:`~svdquant_jax.utils.sharding.batch_mesh`, or
       ``global_batch_mesh`` over several processes): the samples are split over its devices (their
       count must divide evenly); ``None`` or one device: everything on the default device.
+    on_block: called with ``(block name, {layer: QuantizedLayer})`` as each block is done (or
+      resumed), which are then dropped: the float layers (fp32 ``R``, 4 bytes per weight) of the
+      whole model never exist at once. The flow packs each block right away
+      (``flows/ptq.py``). Without it they are kept and returned.
   """
   blocks = adapter.blocks()
   skipped = adapter.resolve_skips(settings.skips)
@@ -354,10 +397,12 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
         progress.save(index, block.name, layers)
       fresh += 1
       bar.update(note=block.name)
-    for layer, q in layers.items():
-      result[f"{block.name}/{layer}"] = q
     if index + 1 < len(blocks):
       state = replay_block(adapter, block, block_params, state, layers, settings, mesh)
+    if on_block is not None:
+      on_block(block.name, layers)
+    else:
+      result.update({f"{block.name}/{layer}": q for layer, q in layers.items()})
   return result
 
 
@@ -376,9 +421,14 @@ class _LogStream:
 
 
 def block_errors(adapter: ModelAdapter, params: Mapping[str, Any], state: State,
-                 layers: Mapping[str, QuantizedLayer], batch_size: int = 8) -> list[tuple[str, float]]:
+                 layers: Mapping[str, QuantizedLayer] | Callable[[int, str], Mapping[str, QuantizedLayer]],
+                 batch_size: int = 8) -> list[tuple[str, float]]:
   """Relative error of every block's output when the quantized layers of all blocks so far are
   applied (fake-quantized), against the full-precision model, on the calibration samples.
+
+  Args:
+    layers: ``{"<block>/<layer>": QuantizedLayer}``, or ``fn(block index, block name)`` giving a
+      block's ``{layer: QuantizedLayer}`` (e.g. :meth:`ProgressStore.load`: one block at a time).
 
   Returns:
     ``[(block name, ||h_q - h_fp|| / ||h_fp||)]`` over the concatenated streams of each block.
@@ -387,9 +437,12 @@ def block_errors(adapter: ModelAdapter, params: Mapping[str, Any], state: State,
   q_settings = PTQSettings(replay="quantized", batch_size=batch_size)
   fp, q = state, state
   out = []
-  for block in adapter.blocks():
-    prefix = block.name + "/"
-    mine = {k[len(prefix):]: v for k, v in layers.items() if k.startswith(prefix)}
+  for index, block in enumerate(adapter.blocks()):
+    if callable(layers):
+      mine = dict(layers(index, block.name))
+    else:
+      prefix = block.name + "/"
+      mine = {k[len(prefix):]: v for k, v in layers.items() if k.startswith(prefix)}
     fp = replay_block(adapter, block, params[block.name], fp, mine, fp_settings)
     q = replay_block(adapter, block, params[block.name], q, mine, q_settings)
     num = den = 0.0

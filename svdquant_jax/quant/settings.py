@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from svdquant_jax.formats.quantizers import FORMATS, QuantFormat, QuantizationError
 from svdquant_jax.quant.refine import RefineSettings
+from svdquant_jax.quant.rotation import RotationSettings
 from svdquant_jax.quant.smooth import LOSS_DTYPES, alpha_beta_grid
 
 REPLAY_MODES = ("fp", "quantized")
@@ -60,6 +61,12 @@ class PTQSettings:
       exhaustive grid; :func:`~svdquant_jax.quant.smooth.halving_schedule`), token subsets seeded
       by ``token_seed``.
     halving_keep: fraction of the smoothing candidates kept per halving round, in (0, 1).
+    loss_chunk_tokens: linear-level losses run over the tokens in chunks of this many (0: all at
+      once), so that a batch of candidates holds ``candidate_batch x chunk x (K + N)`` floats
+      instead of ``candidate_batch x T x (K + N)`` (docs/design.md, "PTQ memory").
+    rotation: randomized Hadamard rotation of every W/A group's input before the smoothing search
+      (:class:`~svdquant_jax.quant.rotation.RotationSettings`; off by default). A rotated input is
+      signed, so INT4 rotation needs ``shift_activations=False`` (no unsigned fc2 path).
 
   The dataclass defaults are the exact search (float32 losses, exhaustive grid): :meth:`exact`
   gives these for any settings. The PTQ config's defaults (``quant.search``) may differ.
@@ -91,6 +98,8 @@ class PTQSettings:
   loss_dtype: str = "float32"
   halving_tokens: int = 0
   halving_keep: float = 0.5
+  rotation: RotationSettings = RotationSettings()
+  loss_chunk_tokens: int = 0
 
   def __post_init__(self):
     if not isinstance(self.fmt, QuantFormat):
@@ -109,6 +118,8 @@ class PTQSettings:
       raise ValueError(f"quant.search.loss_dtype must be one of {LOSS_DTYPES}, got {self.loss_dtype!r}")
     if self.halving_tokens < 0:
       raise ValueError(f"quant.search.halving_tokens must be >= 0 (0: exhaustive grid), got {self.halving_tokens}")
+    if self.loss_chunk_tokens < 0:
+      raise ValueError(f"quant.search.loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
     if not 0.0 < self.halving_keep < 1.0:
       raise ValueError(f"quant.search.halving_keep must be in (0, 1), got {self.halving_keep}")
     if self.grid is not None:
@@ -116,6 +127,9 @@ class PTQSettings:
     object.__setattr__(self, "skips", tuple(self.skips))
     if self.refine.enabled and self.shared_branch:
       raise ValueError("quant.refine is not supported with quant.lowrank.shared_branch")
+    if self.rotation.enabled and self.shift_activations and self.fmt.act == "int4":
+      raise ValueError("quant.rotation makes every group input signed, so the unsigned shifted INT4 fc2 path "
+                       "cannot be used: set quant.shift_activations=False (the 'rotate' config part does)")
 
   @property
   def smoothing_grid(self) -> tuple[tuple[float, float], ...]:
@@ -128,12 +142,12 @@ class PTQSettings:
   @property
   def exact_search(self) -> bool:
     """Whether the searches are today's: float32 losses and the exhaustive smoothing grid."""
-    return self.loss_dtype == "float32" and not self.halving_tokens
+    return self.loss_dtype == "float32" and not self.halving_tokens and not self.loss_chunk_tokens
 
   def exact(self) -> PTQSettings:
     """These settings with the exact search (float32 losses, exhaustive grid): the choices and
     codes of the search before the cost cuts, bit for bit."""
-    return self.replace(loss_dtype="float32", halving_tokens=0, halving_keep=0.5)
+    return self.replace(loss_dtype="float32", halving_tokens=0, halving_keep=0.5, loss_chunk_tokens=0)
 
   @classmethod
   def from_config(cls, config: Any, param_dtype: Any = None) -> PTQSettings:
@@ -157,10 +171,17 @@ class PTQSettings:
                candidate_batch=q.smooth.candidates_per_batch, shift_activations=q.shift_activations,
                weight_only_adaln=q.weight_only_adaln, skips=tuple(q.skips), batch_size=c.batch_size,
                replay=c.replay, max_tokens=c.max_tokens, token_seed=c.seed, refine=_refine_settings(q),
-               **_search_settings(q))
+               rotation=_rotation_settings(q), **_search_settings(q))
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The settings as JSON-able values (a run's identity). Rotation off is left out, so the
+    identity of an unrotated run is what it was before rotation existed."""
+    out = dataclasses.asdict(self)
+    if not self.rotation.enabled:
+      del out["rotation"]
+    if not self.loss_chunk_tokens:  # as above: unchanged identity without chunks
+      del out["loss_chunk_tokens"]
+    return out
 
 
 SEARCH_MODES = ("fast", "exact")
@@ -175,7 +196,8 @@ def _search_settings(q: Any) -> dict[str, Any]:
     raise ValueError(f"quant.search.mode must be one of {SEARCH_MODES}, got {s.mode!r}")
   if s.mode == "exact":
     return {}
-  return {"loss_dtype": s.loss_dtype, "halving_tokens": s.halving_tokens, "halving_keep": s.halving_keep}
+  return {"loss_dtype": s.loss_dtype, "halving_tokens": s.halving_tokens, "halving_keep": s.halving_keep,
+          "loss_chunk_tokens": s.get("loss_chunk_tokens", 0)}
 
 
 def _refine_settings(q: Any) -> RefineSettings:
@@ -184,3 +206,11 @@ def _refine_settings(q: Any) -> RefineSettings:
   if r is None:
     return RefineSettings()
   return RefineSettings(steps=r.steps, lr=r.lr, pieces=tuple(r.pieces), tokens=r.tokens, seed=r.seed)
+
+
+def _rotation_settings(q: Any) -> RotationSettings:
+  """The ``quant.rotation`` section (absent in older configs: off)."""
+  r = q.get("rotation", None)
+  if r is None:
+    return RotationSettings()
+  return RotationSettings(enabled=r.enabled, seed=r.seed, block=r.block, min_block=r.min_block)

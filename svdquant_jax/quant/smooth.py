@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from svdquant_jax.quant.lowrank import DEFAULT_SVD_ITERS, split_columns, svd_lowrank
 from svdquant_jax.formats.quantizers import QuantFormat, QuantizationError, fake_quant_act, true_divide
+from svdquant_jax.formats.rotation import rotate_inputs
 from svdquant_jax.quant.weights import (PRECISION, SVDQuantWeights, act_shift, as_traceable_loss, fake_forward,
                                         quantized_residual, shift_compensation)
 
@@ -320,6 +321,8 @@ def loss_forward(x: Array, w: SVDQuantWeights, fmt: QuantFormat, shift: float = 
   dot = lambda a, b: jnp.dot(a.astype(low), b.astype(low), preferred_element_type=jnp.float32)  # noqa: E731
   delta = act_shift(fmt, shift)
   xf = x.astype(jnp.float32)
+  if w.rotation is not None:  # rotated in float32, as fake_forward
+    xf = rotate_inputs(xf, w.rotation)
   x_hat = true_divide(xf, w.smooth)
   x_tilde = true_divide(xf + jnp.float32(delta), w.smooth) if delta else x_hat
   qw = quantized_residual(w, fmt)
@@ -341,6 +344,25 @@ def with_loss_dtype(loss_fn: Callable, loss_dtype: str) -> Callable:
       and any(f.name == "loss_dtype" for f in dataclasses.fields(loss_fn)) and loss_fn.loss_dtype != loss_dtype):
     return dataclasses.replace(loss_fn, loss_dtype=loss_dtype)
   return loss_fn
+
+
+def chunked_row_sum(fn: Callable[..., Array], rows: Sequence[Array], chunk: int) -> Array:
+  """``fn(*rows)``, a scalar sum over the rows of ``rows`` (arrays ``[T, ...]``), computed in chunks.
+
+  With ``0 < chunk < T`` the first ``chunk * (T // chunk)`` rows run as a ``lax.map`` over chunks
+  (only one chunk's temporaries live at a time, also under a ``vmap`` over candidates) and the
+  rest in one call; the chunk sums are then added in order. ``chunk = 0`` or ``T <= chunk``: one call
+  (the unchunked sum, bit for bit).
+  """
+  t = rows[0].shape[0]
+  if not chunk or t <= chunk:
+    return fn(*rows)
+  n = t // chunk
+  head = tuple(r[:n * chunk].reshape((n, chunk) + r.shape[1:]) for r in rows)
+  total = jnp.sum(jax.lax.map(lambda part: fn(*part), head))
+  if t % chunk:
+    total = total + fn(*(r[n * chunk:] for r in rows))
+  return total
 
 
 def seeded_rows(num_rows: int, count: int, seed: int) -> Array:
@@ -365,6 +387,8 @@ class LinearOutputLoss:
     shifts: per layer δ (static).
     precision: matmul precision (static).
     loss_dtype: operand dtype of the candidates' token-sized matmuls (static; :func:`loss_forward`).
+    chunk_tokens: evaluate in chunks of this many tokens (static; 0: all at once), which bounds the
+      loss's temporaries (:func:`chunked_row_sum`).
   """
   x: Array
   targets: tuple
@@ -372,6 +396,7 @@ class LinearOutputLoss:
   shifts: tuple
   precision: Any = PRECISION
   loss_dtype: str = "float32"
+  chunk_tokens: int = 0
 
   def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
     if len(candidates) != len(self.targets):
@@ -379,11 +404,13 @@ class LinearOutputLoss:
     total = jnp.zeros((), jnp.float32)
     for cand, target, shift in zip(candidates, self.targets, self.shifts):
       if cand is not None:
-        if self.loss_dtype == "float32":  # today's path, unchanged
-          err = target - fake_forward(self.x, cand, self.fmt, shift, self.precision)
-        else:
-          err = target - loss_forward(self.x, cand, self.fmt, shift, self.loss_dtype, self.precision)
-        total = total + jnp.sum(err * err)
+        def squared_error(x, t, cand=cand, shift=shift):
+          if self.loss_dtype == "float32":  # today's path, unchanged
+            err = t - fake_forward(x, cand, self.fmt, shift, self.precision)
+          else:
+            err = t - loss_forward(x, cand, self.fmt, shift, self.loss_dtype, self.precision)
+          return jnp.sum(err * err)
+        total = total + chunked_row_sum(squared_error, (self.x, target), self.chunk_tokens)
     return total
 
   @property
@@ -399,12 +426,13 @@ class LinearOutputLoss:
 
 
 jax.tree_util.register_dataclass(LinearOutputLoss, data_fields=["x", "targets"],
-                                 meta_fields=["fmt", "shifts", "precision", "loss_dtype"])
+                                 meta_fields=["fmt", "shifts", "precision", "loss_dtype", "chunk_tokens"])
 
 
 def linear_output_loss(x_samples: Array, kernels: Sequence[Array], biases: Sequence[Array | None] | None,
                        fmt: QuantFormat, shifts: Sequence[float] | None = None,
-                       precision: Any = PRECISION, loss_dtype: str = "float32") -> LinearOutputLoss:
+                       precision: Any = PRECISION, loss_dtype: str = "float32",
+                       chunk_tokens: int = 0) -> LinearOutputLoss:
   """The linear-level loss (granularity ``Layer``) for kernels sharing the input ``x_samples [..., K]``
   (reference outputs float32 at ``precision``; candidates at ``loss_dtype``, :func:`loss_forward`)."""
   if loss_dtype not in LOSS_DTYPES:
@@ -417,7 +445,7 @@ def linear_output_loss(x_samples: Array, kernels: Sequence[Array], biases: Seque
   for w, b in zip(kernels, biases):
     y = jnp.dot(x, w.astype(jnp.float32), precision=precision)
     targets.append(y if b is None else y + b.astype(jnp.float32))
-  return LinearOutputLoss(x, tuple(targets), fmt, shifts, precision, loss_dtype)
+  return LinearOutputLoss(x, tuple(targets), fmt, shifts, precision, loss_dtype, chunk_tokens)
 
 
 __all__ = ["LOSS_DTYPES", "alpha_beta_grid", "activation_absmax", "weight_absmax", "smooth_scale",

@@ -28,6 +28,7 @@ from svdquant_jax.formats.quantizers import GELU_SHIFT, QuantFormat, Quantizatio
 from svdquant_jax.quant import gptq as gptq_lib
 from svdquant_jax.quant import lowrank as lowrank_lib
 from svdquant_jax.quant import refine as refine_lib
+from svdquant_jax.quant import rotation as rotation_lib
 from svdquant_jax.quant import smooth as smooth_lib
 from svdquant_jax.quant.settings import PTQSettings
 from svdquant_jax.quant.weights import (PRECISION, SVDQuantWeights, act_shift, as_traceable_loss, effective_bias,
@@ -96,8 +97,35 @@ class _SharedBranchLoss:
 
 jax.tree_util.register_dataclass(_SharedBranchLoss, data_fields=["group_loss"], meta_fields=["sizes"])
 
-@functools.partial(jax.jit, static_argnames=("settings", "shifts"))
-def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, settings: PTQSettings, shifts):
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _RotatedLoss:
+  """Adapts a group loss that reads the unrotated input (e.g. the enclosing module's output
+  error) to candidates built in the rotated space: each candidate gets the rotation attached, so
+  its forward rotates ``x`` first. Token subsets (successive halving) pass through."""
+  group_loss: Callable
+  rotation: rotation_lib.HadamardRotation
+
+  def __call__(self, candidates: Sequence[SVDQuantWeights | None]) -> Array:
+    return self.group_loss([None if c is None else dataclasses.replace(c, rotation=self.rotation)
+                            for c in candidates])
+
+  @property
+  def num_tokens(self) -> int:
+    return self.group_loss.num_tokens
+
+  @property
+  def take_tokens(self) -> Callable:
+    take = self.group_loss.take_tokens  # AttributeError when the loss has none: no halving
+    return lambda count, seed: _RotatedLoss(take(count, seed), self.rotation)
+
+
+jax.tree_util.register_dataclass(_RotatedLoss, data_fields=["group_loss"], meta_fields=["rotation"])
+
+
+@functools.partial(jax.jit, static_argnames=("settings", "shifts", "rotation"))
+def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, settings: PTQSettings, shifts,
+                         rotation=None):
   fmt, rank = settings.fmt, settings.rank
   svd_iters = settings.svd_iters or lowrank_lib.DEFAULT_SVD_ITERS
   shared_branch = bool(settings.shared_branch and rank and len(kernels) > 1)
@@ -105,10 +133,22 @@ def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, se
   x = x_samples.reshape(-1, k).astype(jnp.float32)
   kernels = [w.astype(jnp.float32) for w in kernels]
   biases = [b.astype(jnp.float32) for b in biases]
+  if rotation is not None:
+    # Everything below works in the rotated space x' = x Q, W' = Qᵀ W (x' W' = x W); a caller's
+    # loss reads unrotated inputs, so its candidates carry the rotation.
+    kernels = [rotation_lib.rotate_kernel(w, rotation) for w in kernels]
+    x = rotation_lib.rotate_inputs(x, rotation)
+    if gptq_inputs is not None:
+      gptq_inputs = [rotation_lib.rotate_inputs(g, rotation) for g in gptq_inputs]
+  search_loss = None
   if loss_fn is None:
-    loss_fn = smooth_lib.linear_output_loss(x, kernels, biases, fmt, shifts)
+    loss_fn = smooth_lib.linear_output_loss(x, kernels, biases, fmt, shifts, chunk_tokens=settings.loss_chunk_tokens)
+  elif rotation is not None:
+    search_loss = _RotatedLoss(smooth_lib.with_loss_dtype(loss_fn, settings.loss_dtype), rotation)
+    loss_fn = _RotatedLoss(loss_fn, rotation)
   # The searches' loss at the search precision (where the loss supports it); refinement keeps loss_fn.
-  search_loss = smooth_lib.with_loss_dtype(loss_fn, settings.loss_dtype)
+  if search_loss is None:
+    search_loss = smooth_lib.with_loss_dtype(loss_fn, settings.loss_dtype)
   deltas = [act_shift(fmt, s) for s in shifts]
   if settings.smooth:
     found = smooth_lib.search_smoothing(
@@ -169,6 +209,8 @@ def _quantize_group_core(kernels, biases, x_samples, loss_fn, gptq_inputs, *, se
     layers, refine_info = refine_lib.refine_group(layers, kernels, x, fmt, deltas, settings.refine, loss_fn)
   info = GroupQuantInfo(smooth_index, smooth_losses, tuple(lr_losses), tuple(lr_best), tuple(tries), tuple(stable),
                         refine_info)
+  if rotation is not None:
+    layers = [dataclasses.replace(layer, rotation=rotation) for layer in layers]
   return layers, info
 
 
@@ -256,6 +298,19 @@ def as_settings(settings: PTQSettings | QuantFormat, **overrides: Any) -> PTQSet
   return settings.replace(**overrides) if overrides else settings
 
 
+def _group_rotation(settings: PTQSettings, k: int, shifts: Sequence[float],
+                    name: str) -> rotation_lib.HadamardRotation | None:
+  """The group's rotation (``None`` when off); its sign seed derives from the run seed and ``name``."""
+  if not settings.rotation.enabled:
+    return None
+  # A rotated input x Q is signed (a GELU output's channels are mixed with signs), so the shifted
+  # unsigned INT4 path does not apply: a rotated group is quantized with shift 0.
+  if any(act_shift(settings.fmt, s) for s in shifts):
+    raise QuantizationError(f"{name}: a rotated input is signed, so it cannot use the unsigned activation shift "
+                            f"{max(shifts)}; quantize rotated groups with shift 0 (quant.shift_activations=False)")
+  return settings.rotation.rotation(k, name)
+
+
 def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | None] | None, x_samples: Array,
                           settings: PTQSettings | QuantFormat, *, shifts: Sequence[float] | None = None,
                           loss_fn: Callable | None = None, name: str = "linear",
@@ -289,6 +344,13 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
       but read different tensors (FLUX ``to_out`` / ``to_add_out``); default: ``x_samples`` for all.
     return_info: also return :class:`GroupQuantInfo`.
 
+  With ``settings.rotation.enabled`` the group's input space is first rotated by a seeded block
+  Hadamard ``Q`` (sign seed from ``settings.rotation.seed`` and ``name``): the kernels become
+  ``Qᵀ W_i``, the calibration (and GPTQ) inputs ``x Q``, and the searches run in that space; the
+  returned layers carry ``rotation`` (their forwards rotate ``x`` first), and ``loss_fn`` sees
+  candidates carrying it. ``shifts`` must then be 0 (a rotated input is signed). Under
+  :func:`quantize_linear_groups` all G groups share the rotation of the first name.
+
   With ``shared_branch`` (for layers that read this input but are kept as separate kernels, such
   as q, k, v as three ``Dense``), the smoothing candidates and the alternating refinement use the
   rank-r SVD of the concatenated ``[K, N_1 + ... + N_n]`` smoothed kernel; every returned layer
@@ -300,8 +362,9 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
     ``list[SVDQuantWeights]`` (one per kernel), and the info if ``return_info``.
 
   Raises:
-    QuantizationError: bad shapes, K not divisible by the group size, NaN/Inf inputs, or (GPTQ)
-      a Hessian that stays singular after all damping retries, naming ``name``.
+    QuantizationError: bad shapes, K not divisible by the group size, NaN/Inf inputs, (GPTQ)
+      a Hessian that stays singular after all damping retries, or (rotation) a K without a
+      power-of-two block >= ``min_block`` or a nonzero shift, naming ``name``.
   """
   settings = as_settings(settings, **overrides)
   biases, shifts = validate_group_inputs(kernels, biases, x_samples, settings.fmt, rank=settings.rank,
@@ -314,9 +377,11 @@ def quantize_linear_group(kernels: Sequence[Array], biases: Sequence[Array | Non
       raise QuantizationError(f"{name}: gptq_inputs must be one [..., K={k}] array per kernel")
     if _is_concrete(gptq_inputs) and not all(bool(jnp.all(jnp.isfinite(g))) for g in gptq_inputs):
       raise QuantizationError(f"{name}: gptq_inputs contains NaN or Inf")
+  rotation = _group_rotation(settings, int(np.shape(kernels[0])[-2]), shifts, name)
   layers, info = _quantize_group_core(
       list(kernels), _zero_biases(kernels, biases), x_samples,
-      None if loss_fn is None else as_traceable_loss(loss_fn), gptq_inputs, settings=settings, shifts=shifts)
+      None if loss_fn is None else as_traceable_loss(loss_fn), gptq_inputs, settings=settings, shifts=shifts,
+      rotation=rotation)
   if settings.gptq and _is_concrete(info):
     bad = [i for i, ok in enumerate(info.gptq_stable) if not bool(ok)]
     if bad:
