@@ -45,30 +45,40 @@ def _with_outliers(params, seed=0):
   return jax.tree_util.tree_map_with_path(visit, params)
 
 
-@functools.lru_cache(maxsize=None)
-def _flux_setup(samples=4):
-  params = _with_outliers(flux.init_flux_params(FLUX_CFG, 0))
-  ad = adapters.adapter_for("flux", FLUX_CFG)
+def flux_inputs(cfg, samples=4):
+  """Seeded transformer inputs for ``cfg``: 64 image tokens (an 8 x 8 grid) and 16 text tokens."""
   rng = np.random.default_rng(0)
   li, lt = 64, 16
   grid = np.stack(np.meshgrid(np.zeros(1), np.arange(8), np.arange(8), indexing="ij"), -1).reshape(-1, 3)
   # Activations with a few outlier channels, as real DiT activations have.
   hidden = rng.standard_normal((samples, li, 64)) * np.where(np.arange(64) % 17 == 0, 12.0, 1.0)
-  inputs = dict(hidden_states=jnp.asarray(hidden, jnp.float32),
-                encoder_hidden_states=jnp.asarray(rng.standard_normal((samples, lt, FLUX_CFG.joint_attention_dim)),
-                                                  jnp.float32),
-                pooled_projections=jnp.asarray(rng.standard_normal((samples, FLUX_CFG.pooled_projection_dim)),
-                                               jnp.float32),
-                timestep=jnp.asarray(rng.uniform(0, 1, samples), jnp.float32),
-                img_ids=jnp.asarray(grid, jnp.float32), txt_ids=jnp.zeros((lt, 3), jnp.float32),
-                guidance=jnp.full((samples,), 3.5, jnp.float32))
-  state = jax.jit(ad.embed)(params, inputs)
+  return dict(hidden_states=jnp.asarray(hidden, jnp.float32),
+              encoder_hidden_states=jnp.asarray(rng.standard_normal((samples, lt, cfg.joint_attention_dim)),
+                                                jnp.float32),
+              pooled_projections=jnp.asarray(rng.standard_normal((samples, cfg.pooled_projection_dim)), jnp.float32),
+              timestep=jnp.asarray(rng.uniform(0, 1, samples), jnp.float32),
+              img_ids=jnp.asarray(grid, jnp.float32), txt_ids=jnp.zeros((lt, 3), jnp.float32),
+              guidance=jnp.full((samples,), 3.5, jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _flux_setup(samples=4):
+  params = _with_outliers(flux.init_flux_params(FLUX_CFG, 0))
+  ad = adapters.adapter_for("flux", FLUX_CFG)
+  state = jax.jit(ad.embed)(params, flux_inputs(FLUX_CFG, samples))
   return ad, params, state
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_run():
+  """One FAST quantization of the two-block model, shared by the tests that compare against it."""
+  ad, params, state = _flux_setup()
+  return ptq.quantize_transformer(ad, params, state, ptq.PTQSettings(**FAST), log=lambda s: None)
 
 
 def test_svdquant_beats_rtn_on_the_model_output():
   ad, params, state = _flux_setup()
-  svdq = ptq.quantize_transformer(ad, params, state, ptq.PTQSettings(**FAST), log=lambda s: None)
+  svdq = _fast_run()
   rtn = ptq.quantize_transformer(ad, params, state, ptq.PTQSettings(**{**FAST, "rank": 0, "smooth": False}),
                                  log=lambda s: None)
   e_svdq = ptq.block_errors(ad, params, state, svdq)[-1][1]
@@ -90,7 +100,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
   ad, params, state = _flux_setup()
   settings = ptq.PTQSettings(**FAST)
   identity = ptq.run_identity(settings, model_fingerprint({"c": "flux"}, params), "calib", list(range(4)))
-  full = ptq.quantize_transformer(ad, params, state, settings, log=lambda s: None)
+  full = _fast_run()
 
   store = ptq.ProgressStore(str(tmp_path / "progress"), identity, resume=True)
   with pytest.raises(KeyboardInterrupt):
@@ -115,14 +125,16 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
   assert fresh.done == []
 
 
-def test_deterministic_same_inputs_same_bits():
+def test_deterministic_and_params_in_host_memory_give_the_same_bits():
+  """A second run gives the same bits, also with the float params in host memory (the flow's
+  calib.offload_transformer), where the blocks go to the device one at a time."""
   ad, params, state = _flux_setup()
-  settings = ptq.PTQSettings(**FAST)
-  a = ptq.quantize_transformer(ad, params, state, settings, log=lambda s: None)
-  b = ptq.quantize_transformer(ad, params, state, settings, log=lambda s: None)
+  host = jax.device_get(params)
+  assert isinstance(host["transformer_blocks_0"]["attn"]["to_qkv"]["kernel"], np.ndarray)
+  a, b = _fast_run(), ptq.quantize_transformer(ad, host, state, ptq.PTQSettings(**FAST), log=lambda s: None)
   for name in a:
     for x, y in zip(jax.tree_util.tree_leaves(a[name].weights), jax.tree_util.tree_leaves(b[name].weights)):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
 
 
 def test_skips_and_unknown_layer_names():

@@ -25,7 +25,7 @@ from svdquant_jax.quant.deploy import to_quantized_linear
 from svdquant_jax.quant.settings import PTQSettings
 
 from test_deploy import TOLERANCE, _inputs, _kernel
-from test_ptq import FAST, FLUX_CFG, _with_outliers
+from test_ptq import FAST, FLUX_CFG, _with_outliers, flux_inputs
 
 ROTATED = PTQSettings(**{**FAST, "num_grids": 2, "lowrank_iters": 2, "candidate_batch": 3}, shift_activations=False,
                       rotation=rotation.RotationSettings(enabled=True, seed=3))
@@ -128,17 +128,7 @@ def _single_flux():
   """``(adapter, params, inputs, state, rotated PTQ result)``; inputs drawn as test_ptq's."""
   params = _with_outliers(flux.init_flux_params(SINGLE_CFG, 0))
   ad = adapters.adapter_for("flux", SINGLE_CFG)
-  rng, samples, li, lt = np.random.default_rng(0), 4, 64, 16
-  grid = np.stack(np.meshgrid(np.zeros(1), np.arange(8), np.arange(8), indexing="ij"), -1).reshape(-1, 3)
-  hidden = rng.standard_normal((samples, li, 64)) * np.where(np.arange(64) % 17 == 0, 12.0, 1.0)
-  inputs = dict(hidden_states=jnp.asarray(hidden, jnp.float32),
-                encoder_hidden_states=jnp.asarray(rng.standard_normal((samples, lt, SINGLE_CFG.joint_attention_dim)),
-                                                  jnp.float32),
-                pooled_projections=jnp.asarray(rng.standard_normal((samples, SINGLE_CFG.pooled_projection_dim)),
-                                               jnp.float32),
-                timestep=jnp.asarray(rng.uniform(0, 1, samples), jnp.float32),
-                img_ids=jnp.asarray(grid, jnp.float32), txt_ids=jnp.zeros((lt, 3), jnp.float32),
-                guidance=jnp.full((samples,), 3.5, jnp.float32))
+  inputs = flux_inputs(SINGLE_CFG)
   state = jax.jit(ad.embed)(params, inputs)
   layers = ptq.quantize_transformer(ad, params, state, ROTATED, log=lambda s: None)
   return ad, params, inputs, state, layers

@@ -160,7 +160,7 @@ def quantize_and_evaluate(config: Any, run: _Run) -> dict[str, Any] | None:
   seconds = time.monotonic() - start
   if not sharding.is_main_process():
     return None
-  params, specs = {**pipeline.transformer_params, **blocks.trees}, blocks.specs
+  params, specs = jax.device_put({**pipeline.transformer_params, **blocks.trees}), blocks.specs
   if config.save_model:
     quantized_model.save_quantized(os.path.join(run_dir, "model"), params, specs, metadata={
         "family": adapter.family, "model": config.model, "model_config": repr(adapter.config),
@@ -260,6 +260,16 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines + [""] * bool(daggers or notes) + daggers + [f"- {n}" for n in notes])
 
 
+def _offload_transformer(setting: Any) -> bool:
+  """``calib.offload_transformer``: ``True`` / ``False``, or ``"auto"`` (on unless the backend is
+  the CPU, whose device memory is the host's)."""
+  if setting == "auto":
+    return jax.default_backend() != "cpu"
+  if not isinstance(setting, bool):
+    raise ValueError(f"calib.offload_transformer must be true, false or 'auto', got {setting!r}")
+  return setting
+
+
 def _sync(what: str) -> None:
   """Waits for every process (nothing to wait for with one)."""
   if jax.process_count() > 1:
@@ -318,6 +328,12 @@ def run(config: Any) -> dict[str, Any]:
   logging.info("calibration: %d of %d samples from %s", len(indices), len(calib), calib_dir)
   adapter = adapter_for_pipeline(pipeline)
   state = ptq.initial_state(adapter, pipeline.transformer_params, calib, indices, config.calib.batch_size)
+  if _offload_transformer(config.calib.get("offload_transformer", "auto")):
+    # The float transformer is only read block by block from here on (quantization, packing, the
+    # error table); the device keeps one block at a time (ptq.quantize_transformer puts it there).
+    pipeline.transformer_params = jax.device_get(pipeline.transformer_params)
+    logging.info("float transformer moved to host memory (%.2f GB) for the quantization",
+                 quantized_model.weight_bytes(pipeline.transformer_params) / 1e9)
   shared = _Run(pipeline, state, {"model": calib.fingerprint, "calibration": calib.fingerprint + str(calib.settings),
                                   "samples": indices}, eval_prompts, generation, root, evaluator, images, ref_dir,
                 samples, mesh)

@@ -356,7 +356,8 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
 
   Args:
     adapter: the model family and config.
-    params: the full-precision transformer params.
+    params: the full-precision transformer params, on the device or in host memory (numpy, e.g.
+      ``jax.device_get``): each block is put on the device once, when it is quantized.
     state: the first block's inputs for all calibration samples (:func:`initial_state`).
     settings: quantization settings.
     progress: where per-block results are saved and resumed from (``None``: nothing saved).
@@ -384,7 +385,8 @@ def quantize_transformer(adapter: ModelAdapter, params: Mapping[str, Any], state
   bar = Progress(len(blocks), "[ptq] block", style="lines", stream=_LogStream(log))
   fresh = 0
   for index, block in enumerate(blocks):
-    block_params = params[block.name] if mesh is None else sharding.replicate(params[block.name], mesh)
+    # Once per block (params may live in host memory: only this block is then on the device).
+    block_params = jax.device_put(params[block.name]) if mesh is None else sharding.replicate(params[block.name], mesh)
     if progress is not None and block.name in progress.done:
       layers = progress.load(index, block.name)
       bar.skip(1)
@@ -443,8 +445,9 @@ def block_errors(adapter: ModelAdapter, params: Mapping[str, Any], state: State,
     else:
       prefix = block.name + "/"
       mine = {k[len(prefix):]: v for k, v in layers.items() if k.startswith(prefix)}
-    fp = replay_block(adapter, block, params[block.name], fp, mine, fp_settings)
-    q = replay_block(adapter, block, params[block.name], q, mine, q_settings)
+    block_params = jax.device_put(params[block.name])
+    fp = replay_block(adapter, block, block_params, fp, mine, fp_settings)
+    q = replay_block(adapter, block, block_params, q, mine, q_settings)
     num = den = 0.0
     for key in adapter.streams:
       a, b = np.asarray(q[key], np.float64), np.asarray(fp[key], np.float64)
