@@ -28,7 +28,7 @@ def _config(tmp_path, parts="flux-tiny"):
   c.calib.batch_size = 4
   c.quant.smooth.num_grids = 2
   c.quant.lowrank.num_iters = 2
-  c.calib.offload_transformer = True  # the path GPUs take ("auto"), exercised on the CPU
+  c.calib.offload_transformer = "true"  # the path GPUs take ("auto"), exercised on the CPU
   return c
 
 

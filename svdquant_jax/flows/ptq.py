@@ -261,13 +261,14 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def _offload_transformer(setting: Any) -> bool:
-  """``calib.offload_transformer``: ``True`` / ``False``, or ``"auto"`` (on unless the backend is
+  """``calib.offload_transformer``: ``"true"`` / ``"false"``, or ``"auto"`` (on unless the backend is
   the CPU, whose device memory is the host's)."""
-  if setting == "auto":
+  value = str(setting).strip().lower()
+  if value == "auto":
     return jax.default_backend() != "cpu"
-  if not isinstance(setting, bool):
-    raise ValueError(f"calib.offload_transformer must be true, false or 'auto', got {setting!r}")
-  return setting
+  if value not in ("true", "false"):
+    raise ValueError(f"calib.offload_transformer must be 'auto', 'true' or 'false', got {setting!r}")
+  return value == "true"
 
 
 def _sync(what: str) -> None:

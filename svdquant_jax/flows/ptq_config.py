@@ -60,7 +60,7 @@ def base() -> ml_collections.ConfigDict:
   c.calib.replay = "fp"           # block inputs: "fp" (full precision, as deepcompressor) or "quantized"
   c.calib.max_tokens = 0          # cap on calibration tokens per linear group (0: all; bounds memory at 1024^2)
   c.calib.data_parallel = True    # split the samples over all devices (of all processes); num_samples must divide evenly
-  c.calib.offload_transformer = "auto"   # float transformer to host memory while quantizing (auto: off on CPU)
+  c.calib.offload_transformer = "auto"   # float transformer in host memory while quantizing: auto (off on CPU) | true | false
 
   c.quant = ml_collections.ConfigDict()
   c.quant.name = "svdq-int4"
