@@ -48,7 +48,7 @@ def test_chunked_losses_equal_the_whole_sums():
   fmt = FORMATS["int4"]
   cand = [plain_weights(w, None)]
   whole = smooth.linear_output_loss(x, [w], None, fmt)(cand)
-  for chunk in (128, 300, 999, 1000):
+  for chunk in (300, 1000):
     got = smooth.linear_output_loss(x, [w], None, fmt, chunk_tokens=chunk)(cand)
     assert float(got) == pytest.approx(float(whole), rel=1e-6)
   layer = block_calib.layer_outputs_loss([x, x[:700]], [w, w], [None, None], fmt, [0.0, 0.0])
