@@ -1,5 +1,5 @@
 """Shared test setup: the flows' persistent compilation cache goes to a temporary folder, and the
-number of compiled programs held by the test process stays bounded (see ``MAX_MAPPINGS``).
+number of compiled programs held by the test process stays bounded (``compile_cache.MAX_MAPPINGS``).
 
 The PTQ, generation and model-report flows turn JAX's persistent compilation cache on by default
 under ``$XDG_CACHE_HOME/svdquant_jax/jax_cache`` (``svdquant_jax.utils.compile_cache``). The
@@ -8,13 +8,13 @@ tests run those flows in-process and as subprocesses (which inherit the environm
 into the user's home, and the tests' runs share their compiled programs.
 """
 
-import gc
 import os
 
-import jax
 import pytest
 
 import torch_refs
+
+from svdquant_jax.utils import compile_cache
 
 # peft (a test-only reference) imports torchvision, whose CPU wheel lacks operator schemas that
 # transformers' import chain needs: define them before any test module imports diffusers.
@@ -32,27 +32,10 @@ def _compilation_cache_in_tmp(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = saved
 
 
-# Every compiled XLA CPU program holds ~6 memory mappings until it is freed. The whole suite
-# compiles thousands of programs in one process, and past the kernel's vm.max_map_count (65530
-# by default) the next mapping fails ("LLVM compilation error: Cannot allocate memory") and XLA's
-# compiler crashes with SIGSEGV (reproduced: a process holding 65,000 mappings crashes on its next
-# compile; at 30,000 it compiles on). Between tests, once
-# the process holds more than MAX_MAPPINGS mappings, the compiled programs are dropped (the next
-# test recompiles what it needs).
-MAX_MAPPINGS = 30_000
-
-
-def _mapping_count() -> int:
-  try:
-    with open("/proc/self/maps", "rb") as f:
-      return sum(1 for _ in f)
-  except OSError:  # not Linux
-    return 0
-
-
+# The suite compiles thousands of programs in one process: between tests, past
+# compile_cache.MAX_MAPPINGS memory mappings, the compiled programs are dropped (the next test
+# recompiles what it needs), as the PTQ flow does between methods (utils/compile_cache.py says why).
 @pytest.fixture(autouse=True)
 def _bounded_compiled_programs():
   yield
-  if _mapping_count() > MAX_MAPPINGS:
-    jax.clear_caches()
-    gc.collect()
+  compile_cache.release_compiled_programs()

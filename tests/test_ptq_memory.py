@@ -142,3 +142,13 @@ def test_memory_report_command_at_tiny_width():
   d = flux.FLUX_PRESETS["flux-tiny"].inner_dim
   assert (totals[256] - totals[64]) * 1e9 == pytest.approx(192 * (2 * d + 4 * d) * 4, rel=1e-6)
   assert "| flux_double | ff.fc1 | search |" in ptq_memory.format_report(report, "tiny")
+
+
+def test_compiled_programs_are_dropped_past_the_mapping_limit():
+  from svdquant_jax.utils import compile_cache
+  f = jax.jit(lambda x: x * 2.0)
+  f(jnp.ones(3))
+  assert compile_cache.memory_mappings() > 0  # Linux
+  assert f._cache_size() == 1
+  assert not compile_cache.release_compiled_programs(limit=10 ** 9) and f._cache_size() == 1
+  assert compile_cache.release_compiled_programs(limit=0) and f._cache_size() == 0

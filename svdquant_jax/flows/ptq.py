@@ -340,7 +340,12 @@ def run(config: Any) -> dict[str, Any]:
                 samples, mesh)
 
   # 3-4. the method and its baselines
-  rows = [quantize_and_evaluate(c, shared) for c in methods]
+  rows = []
+  for c in methods:
+    rows.append(quantize_and_evaluate(c, shared))
+    # Many methods in one process compile thousands of programs; bound their memory mappings.
+    if compile_cache.release_compiled_programs():
+      logging.info("dropped the in-memory compiled programs (over %d memory mappings)", compile_cache.MAX_MAPPINGS)
   if not main:
     return {"model": config.model, "rows": [], "process_index": jax.process_index()}
   reference_row = {}

@@ -15,6 +15,7 @@ a folder that others can write to.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import jax
@@ -59,3 +60,31 @@ def configure(setting: str | None = AUTO) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", MIN_ENTRY_SIZE_BYTES)
   return path
+
+
+# Every compiled XLA CPU program holds ~6 memory mappings until it is freed. A process that compiles
+# thousands of programs (a PTQ run with several methods, the test suite) reaches the kernel's
+# vm.max_map_count (65530 by default); the next mapping fails ("LLVM compilation error: Cannot
+# allocate memory") and XLA's compiler crashes (SIGSEGV; reproduced at 65,000 mappings, while a
+# process at 30,000 compiles on).
+MAX_MAPPINGS = 30_000
+
+
+def memory_mappings() -> int:
+  """How many memory mappings this process holds (``/proc/self/maps``; 0 where there is none)."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return 0
+
+
+def release_compiled_programs(limit: int = MAX_MAPPINGS) -> bool:
+  """Drops JAX's in-memory compiled programs (``jax.clear_caches``) once the process holds more
+  than ``limit`` memory mappings; returns whether it did. What runs next recompiles (or reads the
+  persistent cache)."""
+  if memory_mappings() <= limit:
+    return False
+  jax.clear_caches()
+  gc.collect()
+  return True
